@@ -1,0 +1,141 @@
+"""Self-describing checkpoints, written atomically and read with ``weights_only=True``.
+
+A checkpoint is a dict of tensors and plain Python values (no pickled objects):
+
+- ``format``: ``"aerl_ray.checkpoint/1"``
+- ``model_state``: the :class:`~aerl_ray.models.Classifier` state dict (unwrapped from DDP)
+- ``config``: the resolved flat :class:`~aerl_ray.config.TrainConfig`
+- ``dataset_info``: num_classes, in_channels, image_size, mean, std
+- ``epoch``, ``metrics`` (of that epoch), ``seed``, ``versions`` (python, torch, ray, ...),
+  ``git_rev``
+- ``train_state`` (``last.pt`` only): optimiser, scheduler, RNG states and pass counters,
+  for resuming after a crash.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib.metadata
+import logging
+import os
+import pickle
+import platform
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "aerl_ray.checkpoint/1"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, damaged, tampered with or of another architecture."""
+
+
+@functools.lru_cache(maxsize=1)
+def package_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for pkg in ("torch", "torchvision", "ray", "optuna", "numpy", "pyautoattack", "aerl-ray"):
+        try:
+            out[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+@functools.lru_cache(maxsize=1)
+def git_revision() -> str:
+    """The source tree's git revision (``+dirty`` if modified), or ``unknown``."""
+    here = Path(__file__).resolve().parent
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
+                             text=True, timeout=5, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=here, capture_output=True, text=True, timeout=5).stdout.strip()
+        return rev + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    """Write to a temp file in the same directory, fsync, then rename over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def make_checkpoint(model: torch.nn.Module, config: dict, info, epoch: int, metrics: dict,
+                    train_state: dict | None = None) -> dict:
+    model = getattr(model, "module", model)  # DDP
+    ckpt = {
+        "format": FORMAT,
+        "model_state": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "config": dict(config),
+        "dataset_info": dataclasses.asdict(info),
+        "epoch": int(epoch),
+        "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool))},
+        "seed": int(config.get("seed", 0)),
+        "versions": package_versions(),
+        "git_rev": git_revision(),
+    }
+    if train_state is not None:
+        ckpt["train_state"] = train_state
+    return ckpt
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    """Load without executing code (``weights_only=True``); clear errors otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist (expected a .pt file written "
+                              "by aerl_ray.train, e.g. RUN/best.pt)")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, TypeError,
+            AttributeError) as e:
+        raise CheckpointError(
+            f"could not load {path} safely ({type(e).__name__}: {str(e)[:200]}); the file is "
+            "truncated, corrupted or contains code/objects other than tensors and plain "
+            "values, and will not be unpickled. Re-create it with aerl_ray.train.") from e
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not an aerl_ray checkpoint (format "
+                              f"{ckpt.get('format') if isinstance(ckpt, dict) else type(ckpt)!r}, "
+                              f"expected {FORMAT!r})")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt: dict | str | Path, model_name: str | None = None):
+    """Rebuild the model a checkpoint describes and load its weights (eval mode).
+
+    ``model_name`` (optional) asserts the expected architecture."""
+    from aerl_ray.data import DatasetInfo
+    from aerl_ray.models import build_model
+
+    if not isinstance(ckpt, dict):
+        ckpt = load_checkpoint(ckpt)
+    cfg = ckpt["config"]
+    name = cfg["model"]
+    if model_name is not None and model_name != name:
+        raise CheckpointError(f"checkpoint holds a {name!r} model, not {model_name!r}")
+    info = DatasetInfo(**{k: tuple(v) if isinstance(v, list) else v
+                          for k, v in ckpt["dataset_info"].items()})
+    model = build_model(name, info, spectral_norm=bool(cfg.get("spectral_norm", False)))
+    try:
+        model.load_state_dict(ckpt["model_state"])
+    except RuntimeError as e:
+        raise CheckpointError(f"checkpoint weights do not fit a {name!r} model for "
+                              f"{info.name} ({str(e).splitlines()[0]})") from e
+    return model.eval(), info

@@ -1,0 +1,52 @@
+"""Training regimes: plain loss functions ``(model, x, y, ctx) -> (loss, stats)``.
+
+The training loop owns the optimiser, train/eval modes, devices and logging; a regime
+only computes a loss.  ``stats`` holds ``logits`` (detached, of the inputs the accuracy
+is measured on) and optional scalars such as ``reward``.  Modules, one per family:
+
+- :mod:`.supervised`: ``sl`` (cross-entropy)
+- :mod:`.policy_gradient`: ``rl`` (REINFORCE with epsilon-greedy exploration)
+- :mod:`.adversarial`: ``sl_adv``, ``rl_adv`` (fgsm / fgsm_rs / pgd / trades inner loops)
+- :mod:`.regularised`: ``sl_rl_loss``, ``igr``, ``jacobian`` (baselines)
+- :mod:`.schedule`: ``hybrid`` and which regime is active in a given epoch
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, ContextManager
+
+import torch
+from torch import nn
+
+from aerl_ray.registry import Registry
+
+RegimeFn = Callable[[nn.Module, torch.Tensor, torch.Tensor, "RegimeContext"],
+                    tuple[torch.Tensor, dict[str, Any]]]
+REGIMES: Registry[RegimeFn] = Registry("regime")
+
+
+@dataclass
+class RegimeContext:
+    """What a regime may use besides the batch.
+
+    Attributes:
+        cfg: the run's :class:`~aerl_ray.config.RegimeConfig`.
+        num_classes: K.
+        epoch: the current epoch (0-based).
+        generator: seeded CPU generator for exploration and random starts.
+        attack_mode: context manager from the training loop that puts the model in eval
+            mode for an inner attack (BN statistics frozen), then restores the mode.
+    """
+
+    cfg: Any
+    num_classes: int
+    epoch: int = 0
+    generator: torch.Generator = field(default_factory=lambda: torch.Generator().manual_seed(0))
+    attack_mode: Callable[[], ContextManager] = contextlib.nullcontext
+
+
+# Import the families so their @REGIMES.register decorators run.
+from aerl_ray.regimes import supervised, policy_gradient, adversarial, regularised, schedule  # noqa: E402,F401
+
+__all__ = ["REGIMES", "RegimeContext", "RegimeFn"]

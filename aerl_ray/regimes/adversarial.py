@@ -1,0 +1,100 @@
+"""Adversarial training: ``sl_adv`` and ``rl_adv`` with four inner attacks.
+
+- ``fgsm`` (the paper's SL-adv / RL-adv): ``L(x) + adv_rate * L(x + eps*sign(grad_x L(x)))``
+  where ``L`` is the regime's own loss (CE, or the sampled PG loss: as in the paper its
+  input gradient is zero for samples whose sampled action was wrong, so only the others
+  are perturbed).  Costs 2 forward + 2 backward passes per step (the paper's code: 4 + 2).
+- ``fgsm_rs`` (Wong, Rice & Kolter 2020, "Fast is better than free"): uniform random start
+  in the eps-ball, one CE step of 1.25 eps, train on ``L(x_adv)``.
+- ``pgd`` (Madry et al. 2018, PGD-AT): ``adv_steps`` signed CE steps of
+  ``adv_step_size*eps`` from a random start, train on ``L(x_adv)``.
+- ``trades`` (Zhang et al. 2019): ``L(x) + adv_rate * KL(p(x) || p(x'))`` with ``x'``
+  maximising the KL from ``x + 0.001 N(0, I)`` (``adv_rate`` plays beta, usually 6).
+
+Inner maximisations of fgsm_rs / pgd / trades run under ``ctx.attack_mode()`` (the
+training loop switches BN/dropout to eval mode there).  All inputs stay in [0, 1].
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from aerl_ray.config import AdvAttack
+from aerl_ray.regimes import REGIMES
+from aerl_ray.regimes.policy_gradient import rl_base_loss
+from aerl_ray.regimes.supervised import ce_loss
+
+
+def _uniform(x: torch.Tensor, eps: float, g: torch.Generator) -> torch.Tensor:
+    return ((torch.rand(x.shape, generator=g) * 2 - 1) * eps).to(x.device, x.dtype)
+
+
+def pgd_linf_ce(model, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int,
+                step: float, g: torch.Generator) -> torch.Tensor:
+    """Linf PGD on summed CE from a uniform random start (the inner loop of PGD-AT /
+    FGSM-RS).  Returns ``x_adv`` detached, in the eps-ball and in [0, 1]."""
+    x = x.detach()
+    x_adv = (x + _uniform(x, eps, g)).clamp(0, 1)
+    for _ in range(steps):
+        x_adv.requires_grad_(True)
+        loss = F.cross_entropy(model(x_adv), y, reduction="sum")
+        (grad,) = torch.autograd.grad(loss, x_adv)
+        x_adv = x_adv.detach() + step * grad.sign()
+        x_adv = torch.min(torch.max(x_adv, x - eps), x + eps).clamp(0, 1)
+    return x_adv.detach()
+
+
+def trades_perturb(model, x: torch.Tensor, eps: float, steps: int, step: float,
+                   g: torch.Generator) -> torch.Tensor:
+    """TRADES inner maximisation of KL(p(x) || p(x')) over the Linf eps-ball."""
+    x = x.detach()
+    with torch.no_grad():
+        p_nat = torch.softmax(model(x), dim=1)
+    x_adv = (x + 0.001 * torch.randn(x.shape, generator=g).to(x.device, x.dtype)).clamp(0, 1)
+    for _ in range(steps):
+        x_adv.requires_grad_(True)
+        kl = F.kl_div(F.log_softmax(model(x_adv), dim=1), p_nat, reduction="sum")
+        (grad,) = torch.autograd.grad(kl, x_adv)
+        x_adv = x_adv.detach() + step * grad.sign()
+        x_adv = torch.min(torch.max(x_adv, x - eps), x + eps).clamp(0, 1)
+    return x_adv.detach()
+
+
+def adversarial_loss(base_loss, model, x, y, ctx):
+    """Compose a base loss (``ce_loss`` or ``rl_base_loss``) with the configured attack."""
+    c = ctx.cfg
+    eps, attack = c.adv_eps, AdvAttack(c.adv_attack)
+    if attack is AdvAttack.FGSM:
+        x = x.detach().requires_grad_(True)
+        logits = model(x)                                            # forward 1
+        loss_clean, stats = base_loss(logits, y, ctx)
+        (grad,) = torch.autograd.grad(loss_clean, x, retain_graph=True)  # backward 1
+        x_adv = (x.detach() + eps * grad.sign()).clamp(0, 1)
+        loss_adv, _ = base_loss(model(x_adv), y, ctx)                # forward 2
+        return loss_clean + c.adv_rate * loss_adv, {"logits": logits.detach(), **stats}
+    if attack is AdvAttack.TRADES:
+        with ctx.attack_mode():
+            x_adv = trades_perturb(model, x, eps, c.adv_steps, c.adv_step_size * eps,
+                                   ctx.generator)
+        logits = model(x)
+        loss_clean, stats = base_loss(logits, y, ctx)
+        kl = F.kl_div(F.log_softmax(model(x_adv), dim=1), torch.softmax(logits, dim=1),
+                      reduction="batchmean")
+        return loss_clean + c.adv_rate * kl, {"logits": logits.detach(), "kl": float(kl), **stats}
+    steps, step = (1, 1.25 * eps) if attack is AdvAttack.FGSM_RS else (c.adv_steps,
+                                                                        c.adv_step_size * eps)
+    with ctx.attack_mode():
+        x_adv = pgd_linf_ce(model, x, y, eps, steps, step, ctx.generator)
+    logits_adv = model(x_adv)
+    loss, stats = base_loss(logits_adv, y, ctx)
+    return loss, {"logits": logits_adv.detach(), **stats}
+
+
+@REGIMES.register("sl_adv")
+def sl_adv(model, x, y, ctx):
+    return adversarial_loss(ce_loss, model, x, y, ctx)
+
+
+@REGIMES.register("rl_adv")
+def rl_adv(model, x, y, ctx):
+    return adversarial_loss(rl_base_loss, model, x, y, ctx)
