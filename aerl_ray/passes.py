@@ -7,6 +7,8 @@ each time a backward pass (``loss.backward()`` or ``torch.autograd.grad``) flows
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -17,9 +19,12 @@ class PassCounter:
     def __init__(self, model: nn.Module):
         self.fwd = 0
         self.bwd = 0
+        self.active = True
         self._handle = model.register_forward_hook(self._on_forward)
 
     def _on_forward(self, module: nn.Module, inputs, output: torch.Tensor) -> None:
+        if not self.active:
+            return
         n = int(output.shape[0])
         self.fwd += n
         if output.requires_grad:
@@ -27,6 +32,15 @@ class PassCounter:
 
     def _on_backward(self, n: int) -> None:
         self.bwd += n
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Do not count passes inside this block (e.g. validation)."""
+        was, self.active = self.active, False
+        try:
+            yield
+        finally:
+            self.active = was
 
     def remove(self) -> None:
         self._handle.remove()

@@ -2,7 +2,9 @@
 
 The training loop owns the optimiser, train/eval modes, devices and logging; a regime
 only computes a loss.  ``stats`` holds ``logits`` (detached, of the inputs the accuracy
-is measured on) and optional scalars such as ``reward``.  Modules, one per family:
+is measured on) and optional scalars such as ``reward``.  A regime may back-propagate
+part of its loss itself through ``ctx.backward`` (the loop zeroes gradients before calling
+it) and return the rest; it then reports the whole loss value as ``stats["loss_value"]``.  Modules, one per family:
 
 - :mod:`.supervised`: ``sl`` (cross-entropy)
 - :mod:`.policy_gradient`: ``rl`` (REINFORCE with epsilon-greedy exploration)
@@ -37,6 +39,8 @@ class RegimeContext:
         generator: seeded CPU generator for exploration and random starts.
         attack_mode: context manager from the training loop that puts the model in eval
             mode for an inner attack (BN statistics frozen), then restores the mode.
+        backward: back-propagates a partial loss into the parameter gradients now (the
+            loop supplies a DDP-aware version that defers the gradient all-reduce).
     """
 
     cfg: Any
@@ -44,6 +48,7 @@ class RegimeContext:
     epoch: int = 0
     generator: torch.Generator = field(default_factory=lambda: torch.Generator().manual_seed(0))
     attack_mode: Callable[[], ContextManager] = contextlib.nullcontext
+    backward: Callable[[torch.Tensor], None] = torch.Tensor.backward
 
 
 # Import the families so their @REGIMES.register decorators run.

@@ -1,0 +1,346 @@
+"""One training loop for every regime, dataset and model.
+
+:func:`train_loop` is what a Ray Train worker runs (the sweep passes a
+:class:`WorkerContext` with its rank, its DDP wrapper and a per-epoch report hook) and
+what :func:`fit` runs in-process for a local run.  The loop owns the optimiser (AdamW,
+optional warm-up + linear decay over the real number of steps, gradient clipping),
+train/eval modes, devices and logging; regimes only compute losses.
+
+Per epoch it writes a JSON line to ``OUT/metrics.jsonl``, TensorBoard scalars under
+``OUT/tb``, ``OUT/last.pt`` (with optimiser/RNG state for resuming) and ``OUT/best.pt``
+(best clean validation accuracy).
+
+Usage::
+
+    python -m aerl_ray.train --dataset digits --model cnn4 --regime rl --epochs 20 \
+        --explore-eps 0.1 --lr 1e-3 --out runs/x
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from aerl_ray.checkpoint import atomic_torch_save, load_checkpoint, make_checkpoint
+from aerl_ray.config import TrainConfig
+from aerl_ray.data import Splits, augment, load_splits
+from aerl_ray.models import build_model
+from aerl_ray.passes import PassCounter
+from aerl_ray.regimes import REGIMES, RegimeContext
+from aerl_ray.regimes.schedule import regime_for_epoch
+
+logger = logging.getLogger(__name__)
+
+
+class DivergedError(FloatingPointError):
+    """The training loss became NaN/inf; the trial is stopped with this reason."""
+
+
+@dataclass
+class WorkerContext:
+    """How the loop is embedded: rank, DDP wrapper, per-epoch hook, resume state."""
+
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device | None = None
+    wrap_model: Callable[[nn.Module], nn.Module] = lambda m: m
+    on_epoch: Callable[[dict, Path], None] | None = None  # (metrics, out_dir), all ranks
+    resume: dict | None = None  # a loaded last.pt checkpoint
+    splits: Splits | None = None  # pre-loaded data (tests, benchmarks)
+
+
+@dataclass
+class FitResult:
+    model: nn.Module
+    info: object
+    metrics: dict  # final: test_acc, best_val_acc, best_epoch, ...
+    history: list[dict] = field(default_factory=list)
+    best_path: Path | None = None
+    last_path: Path | None = None
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device={name!r} requested but no CUDA device is available; "
+                           "use --device cpu or auto")
+    return torch.device(name)
+
+
+def lr_factor(step: int, total: int, warmup: int, final_ratio: float) -> float:
+    """Linear warm-up over ``warmup`` steps, then linear decay to ``final_ratio``."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    span = max(1, total - warmup)
+    return 1.0 - (1.0 - final_ratio) * min(1.0, (step - warmup) / span)
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int,
+             device: torch.device) -> float:
+    correct = 0
+    for i in range(0, len(y), batch):
+        out = model(x[i:i + batch].to(device))
+        correct += int((out.argmax(1).cpu() == y[i:i + batch]).sum())
+    return correct / max(1, len(y))
+
+
+def input_grad_norm(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                    device: torch.device) -> float:
+    """Mean per-example ||grad_x CE|| (summed CE, so no 1/B factor) on a fixed batch."""
+    x = x.to(device).requires_grad_(True)
+    loss = F.cross_entropy(model(x), y.to(device), reduction="sum")
+    (g,) = torch.autograd.grad(loss, x)
+    return float(g.flatten(1).norm(dim=1).mean())
+
+
+def train_step(model: nn.Module, loss_fn, x: torch.Tensor, y: torch.Tensor, ctx: RegimeContext,
+               opt: torch.optim.Optimizer, sched, grad_clip: float) -> tuple[float, dict]:
+    """One optimisation step of any regime; returns (loss value, regime stats).
+
+    A non-finite loss skips the update (the caller stops the run)."""
+    opt.zero_grad(set_to_none=True)
+    loss, stats = loss_fn(model, x, y, ctx)
+    value = float(stats.get("loss_value", loss.detach()))
+    if not math.isfinite(value):
+        return value, stats
+    loss.backward()
+    if grad_clip > 0:
+        nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    opt.step()
+    sched.step()
+    return value, stats
+
+
+def _seed_everything(cfg: TrainConfig, rank: int) -> torch.Generator:
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    return torch.Generator().manual_seed(cfg.seed * 1009 + 7919 * rank + 1)
+
+
+def train_loop(cfg: TrainConfig, out_dir: str | os.PathLike,
+               wctx: WorkerContext | None = None) -> FitResult:
+    """Train ``cfg`` and return the final model (best weights) and metrics."""
+    wctx = wctx or WorkerContext()
+    out = Path(out_dir)
+    chief = wctx.rank == 0
+    device = wctx.device or resolve_device(cfg.device)
+    gen = _seed_everything(cfg, wctx.rank)
+    splits = wctx.splits or load_splits(cfg.data)
+    info = splits.info
+    base = build_model(cfg.model.model, info, cfg.model.spectral_norm).to(device)
+    counter = PassCounter(base)
+    model = wctx.wrap_model(base)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    per_rank = len(splits.y_train) // wctx.world_size
+    steps_per_epoch = max(1, math.ceil(per_rank / cfg.batch_size))
+    total = cfg.epochs * steps_per_epoch
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(
+        s, total, cfg.warmup_epochs * steps_per_epoch, cfg.final_lr_ratio))
+
+    start_epoch, best_val, best_epoch, wall0 = 0, -1.0, -1, 0.0
+    if wctx.resume is not None:
+        st = wctx.resume["train_state"]
+        base.load_state_dict(wctx.resume["model_state"])
+        opt.load_state_dict(st["optimizer"])
+        sched.load_state_dict(st["scheduler"])
+        gen.set_state(st["generators"][min(wctx.rank, len(st["generators"]) - 1)])
+        counter.fwd, counter.bwd = st["fwd_passes"], st["bwd_passes"]
+        start_epoch, best_val, best_epoch = wctx.resume["epoch"] + 1, st["best_val"], st["best_epoch"]
+        wall0 = st["wall_seconds"]
+        logger.info("resuming at epoch %d (best val %.4f)", start_epoch, best_val)
+
+    @contextlib.contextmanager
+    def attack_mode():  # inner attacks of adversarial regimes see the model in eval mode
+        was = model.training
+        model.eval()
+        try:
+            yield
+        finally:
+            model.train(was)
+
+    def backward(partial_loss: torch.Tensor) -> None:
+        # a regime's partial backward: under DDP, defer the all-reduce to the final backward
+        sync_off = model.no_sync() if hasattr(model, "no_sync") else contextlib.nullcontext()
+        with sync_off:
+            partial_loss.backward()
+
+    ctx = RegimeContext(cfg=cfg.regime, num_classes=info.num_classes, generator=gen,
+                        attack_mode=attack_mode, backward=backward)
+    flat = cfg.to_flat()
+    writer = _tb_writer(out) if chief else None
+    gx, gy = splits.x_val[:256], splits.y_val[:256]
+    history: list[dict] = []
+    t_start = time.perf_counter() - wall0
+    for epoch in range(start_epoch, cfg.epochs):
+        t0 = time.perf_counter()
+        ctx.epoch = epoch
+        active = regime_for_epoch(cfg.regime, epoch)
+        loss_fn = REGIMES.get(active)
+        model.train()
+        perm = torch.randperm(len(splits.y_train), generator=torch.Generator().manual_seed(
+            cfg.seed * 100003 + epoch))[wctx.rank::wctx.world_size][:per_rank]
+        sums = {"loss": 0.0, "correct": 0, "n": 0, "reward": 0.0, "reward_n": 0}
+        for i in range(0, per_rank, cfg.batch_size):
+            idx = perm[i:i + cfg.batch_size]
+            x, y = splits.x_train[idx].to(device), splits.y_train[idx].to(device)
+            if cfg.data.augment:
+                x = augment(x, gen)
+            loss_value, stats = train_step(model, loss_fn, x, y, ctx, opt, sched, cfg.grad_clip)
+            if not math.isfinite(loss_value):
+                raise DivergedError(f"training loss became {loss_value} in epoch {epoch} "
+                                    f"(regime {active}, lr={cfg.lr}); lower the learning rate "
+                                    "or enable --grad-clip")
+            sums["loss"] += loss_value * len(y)
+            sums["correct"] += int((stats["logits"].argmax(1) == y).sum())
+            sums["n"] += len(y)
+            if "reward" in stats:
+                sums["reward"] += stats["reward"] * len(y)
+                sums["reward_n"] += len(y)
+        model.eval()
+        with counter.paused():  # compute figures count training passes only
+            val_acc = accuracy(model, splits.x_val, splits.y_val, cfg.eval_batch_size, device)
+            grad_norm = input_grad_norm(model, gx, gy, device)
+        m = {"epoch": epoch, "regime_active": active,
+             "train_loss": sums["loss"] / max(1, sums["n"]),
+             "train_acc": sums["correct"] / max(1, sums["n"]),
+             "mean_reward": (sums["reward"] / sums["reward_n"]) if sums["reward_n"] else None,
+             "val_acc": val_acc, "input_grad_norm": grad_norm,
+             "fwd_passes": counter.fwd * wctx.world_size,
+             "bwd_passes": counter.bwd * wctx.world_size,
+             "lr": sched.get_last_lr()[0], "epoch_seconds": time.perf_counter() - t0,
+             "wall_seconds": time.perf_counter() - t_start}
+        if val_acc > best_val:
+            best_val, best_epoch = val_acc, epoch
+        m.update(best_val_acc=best_val, best_epoch=best_epoch)
+        history.append(m)
+        logger.info("epoch %d %s loss %.4f train_acc %.4f val_acc %.4f", epoch, active,
+                    m["train_loss"], m["train_acc"], val_acc)
+        if chief:
+            state = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                     "generators": [gen.get_state()], "fwd_passes": counter.fwd,
+                     "bwd_passes": counter.bwd, "best_val": best_val, "best_epoch": best_epoch,
+                     "wall_seconds": m["wall_seconds"]}
+            if best_epoch == epoch:
+                atomic_torch_save(make_checkpoint(base, flat, info, epoch, m), out / "best.pt")
+            atomic_torch_save(make_checkpoint(base, flat, info, epoch, m, state), out / "last.pt")
+            _append_jsonl(out / "metrics.jsonl", m)
+            for k, v in m.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    writer.add_scalar(f"train/{k}", v, epoch)
+            writer.flush()
+        if wctx.on_epoch is not None:
+            wctx.on_epoch(m, out)
+    counter.remove()
+    if writer is not None:
+        writer.close()
+    return _finish(cfg, base, info, splits, out, history, device, chief)
+
+
+def _finish(cfg, base, info, splits, out, history, device, chief) -> FitResult:
+    best_path, last_path = out / "best.pt", out / "last.pt"
+    if best_path.exists():
+        base.load_state_dict(load_checkpoint(best_path)["model_state"])
+    base.eval()
+    final = dict(history[-1]) if history else {}
+    final["test_acc"] = accuracy(base, splits.x_test, splits.y_test, cfg.eval_batch_size, device)
+    if chief:
+        (out / "final.json").write_text(json.dumps(final, indent=1))
+    return FitResult(base, info, final, history, best_path if best_path.exists() else None,
+                     last_path if last_path.exists() else None)
+
+
+def _tb_writer(out: Path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(str(out / "tb"))
+
+
+def _append_jsonl(path: Path, row: dict) -> None:
+    """Append one line and fsync; readers drop a torn last line after a crash."""
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict]:
+    rows = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            logger.warning("ignoring a torn line in %s", path)
+    return rows
+
+
+def fit(cfg: TrainConfig, out_dir: str | os.PathLike, resume: bool = False,
+        splits: Splits | None = None) -> FitResult:
+    """Train in this process (no Ray).  ``resume=True`` continues from ``OUT/last.pt``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = None
+    if resume and (out / "last.pt").exists():
+        state = load_checkpoint(out / "last.pt")
+        if state["config"] != cfg.to_flat():
+            raise ValueError(f"{out}/last.pt was trained with a different config; use another "
+                             "--out or the same flags to resume")
+    elif not resume:
+        for name in ("metrics.jsonl", "best.pt", "last.pt", "final.json"):
+            (out / name).unlink(missing_ok=True)
+    (out / "config.json").write_text(json.dumps(cfg.to_flat(), indent=1))
+    return train_loop(cfg, out, WorkerContext(resume=state, splits=splits))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from aerl_ray.cli import add_config_arguments
+
+    p = argparse.ArgumentParser(
+        prog="python -m aerl_ray.train",
+        description="Train one classifier (SL, RL, adversarial, hybrid, baselines) and write "
+                    "best.pt/last.pt checkpoints, metrics.jsonl and TensorBoard events to --out.")
+    p.add_argument("--out", required=True, help="output directory of the run")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    p.add_argument("--log-level", default="INFO", help="logging level (default: INFO)")
+    add_config_arguments(p)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from aerl_ray.cli import config_from_args, fail, setup_logging
+    from aerl_ray.config import ConfigError
+    from aerl_ray.data import DatasetUnavailableError
+
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    setup_logging(ns.log_level)
+    try:
+        cfg = config_from_args(ns)
+        res = fit(cfg, ns.out, resume=ns.resume)
+    except (ConfigError, DatasetUnavailableError, DivergedError, ValueError, RuntimeError) as e:
+        fail(parser, e)
+    m = res.metrics
+    print(f"trained {cfg.model.model} ({cfg.regime.regime}) on {cfg.data.dataset}: "
+          f"test_acc {m['test_acc']:.4f}, best val_acc {m['best_val_acc']:.4f} "
+          f"(epoch {m['best_epoch']}), {m['fwd_passes']} fwd / {m['bwd_passes']} bwd passes, "
+          f"{m['wall_seconds']:.1f}s")
+    print(f"checkpoints: {res.best_path}, {res.last_path}; metrics: {Path(ns.out) / 'metrics.jsonl'}"
+          f"; tensorboard --logdir {Path(ns.out) / 'tb'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

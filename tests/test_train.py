@@ -1,0 +1,148 @@
+"""Learning happens, runs are deterministic, checkpoints round-trip, bad input fails early."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from aerl_ray.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+from aerl_ray.config import TrainConfig
+from aerl_ray.train import DivergedError, build_parser, fit, main, read_metrics
+
+
+def cfg(**kw):
+    base = dict(dataset="digits", model="cnn4", epochs=15, lr=1e-3, batch_size=64, seed=0)
+    return TrainConfig.from_flat({**base, **kw})
+
+
+def test_sl_cnn4_reaches_95_percent(tmp_path, digits_splits):
+    res = fit(cfg(regime="sl", epochs=12), tmp_path, splits=digits_splits)
+    assert res.metrics["test_acc"] >= 0.95, res.metrics
+
+
+def test_rl_per_sample_reaches_90_percent(tmp_path, digits_splits):
+    res = fit(cfg(regime="rl", explore_eps=0.1, explore_mode="per_sample", epochs=20), tmp_path,
+              splits=digits_splits)
+    assert res.metrics["test_acc"] >= 0.90, res.metrics
+    assert 0.5 < res.history[-1]["mean_reward"] <= 1.0
+
+
+def test_outputs_metrics_tensorboard_checkpoints(tmp_path, digits_splits):
+    res = fit(cfg(regime="hybrid", switch_epoch=1, epochs=3, model="tiny"), tmp_path,
+              splits=digits_splits)
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["epoch"] for r in rows] == [0, 1, 2]
+    assert [r["regime_active"] for r in rows] == ["sl", "rl", "rl"]
+    keys = {"train_loss", "train_acc", "val_acc", "input_grad_norm", "fwd_passes", "bwd_passes",
+            "epoch_seconds", "wall_seconds", "mean_reward", "lr"}
+    assert keys <= set(rows[-1])
+    assert rows[0]["mean_reward"] is None and rows[-1]["mean_reward"] is not None
+    n_train = len(digits_splits.y_train)
+    assert rows[-1]["fwd_passes"] == 3 * n_train  # training passes only, validation excluded
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(tmp_path / "tb"))
+    ea.Reload()
+    assert len(ea.Scalars("train/val_acc")) == 3
+    ck = load_checkpoint(tmp_path / "best.pt")
+    assert ck["config"]["regime"] == "hybrid" and ck["git_rev"] and "torch" in ck["versions"]
+    assert ck["seed"] == 0 and "train_state" not in ck
+    assert "train_state" in load_checkpoint(tmp_path / "last.pt")
+    assert json.loads((tmp_path / "final.json").read_text())["test_acc"] == res.metrics["test_acc"]
+
+
+def test_deterministic_same_seed_same_weights(tmp_path, digits_splits):
+    c = cfg(regime="rl_adv", model="tiny", epochs=2, augment=True)
+    a = fit(c, tmp_path / "a", splits=digits_splits).model.state_dict()
+    b = fit(c, tmp_path / "b", splits=digits_splits).model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    d = fit(c.replace(seed=1), tmp_path / "c", splits=digits_splits).model.state_dict()
+    assert not all(torch.equal(a[k], d[k]) for k in a)
+
+
+def test_resume_continues_exactly(tmp_path, digits_splits):
+    c = cfg(regime="rl", model="tiny", epochs=4, final_lr_ratio=0.1, warmup_epochs=1)
+    full = fit(c, tmp_path / "full", splits=digits_splits)
+    # a crash after epoch 1: the per-epoch hook raises, leaving last.pt of epoch 1
+    from aerl_ray.train import WorkerContext, train_loop
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_1(m, out):
+        if m["epoch"] == 1:
+            raise Stop
+
+    mid = tmp_path / "mid"
+    mid.mkdir()
+    with pytest.raises(Stop):
+        train_loop(c, mid, WorkerContext(on_epoch=stop_after_1, splits=digits_splits))
+    resumed = fit(c, mid, resume=True, splits=digits_splits)
+    assert [r["epoch"] for r in read_metrics(mid / "metrics.jsonl")] == [0, 1, 2, 3]
+    fs, rs = full.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.allclose(fs[k], rs[k]) for k in fs)
+    assert resumed.metrics["fwd_passes"] == full.metrics["fwd_passes"]
+
+
+def test_checkpoint_round_trip_and_tampering(tmp_path, digits_splits):
+    res = fit(cfg(model="tiny", epochs=1), tmp_path, splits=digits_splits)
+    model, info = model_from_checkpoint(tmp_path / "best.pt")
+    x = digits_splits.x_test[:16]
+    assert torch.equal(model(x), res.model(x))
+    with pytest.raises(CheckpointError, match="holds a 'tiny' model, not 'cnn4'"):
+        model_from_checkpoint(tmp_path / "best.pt", model_name="cnn4")
+    ck = load_checkpoint(tmp_path / "best.pt")
+    ck["config"]["model"] = "cnn4"  # weights of one architecture labelled as another
+    with pytest.raises(CheckpointError, match="do not fit a 'cnn4' model"):
+        model_from_checkpoint(ck)
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    torch.save({"format": "aerl_ray.checkpoint/1", "x": Evil()}, tmp_path / "evil.pt")
+    with pytest.raises(CheckpointError, match="will not be unpickled"):
+        load_checkpoint(tmp_path / "evil.pt")
+    (tmp_path / "trunc.pt").write_bytes((tmp_path / "best.pt").read_bytes()[:100])
+    with pytest.raises(CheckpointError):
+        load_checkpoint(tmp_path / "trunc.pt")
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "nope.pt")
+
+
+def test_diverging_run_stops_with_reason(tmp_path, digits_splits):
+    with pytest.raises(DivergedError, match="lower the learning rate"):
+        fit(cfg(model="tiny", lr=1e30, epochs=3, weight_decay=0.0), tmp_path, splits=digits_splits)
+
+
+def test_cli_help_documents_every_flag(capsys):
+    from aerl_ray.config import flat_fields
+
+    text = build_parser().format_help()
+    for name in flat_fields():
+        assert "--" + name.replace("_", "-") in text
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--regime", "dqn"], "known regimes"),
+    (["--epochs", "3", "--regime", "hybrid", "--switch-epoch", "3"], "switch_epoch=3"),
+    (["--lr", "-1"], "lr=-1.0 must be > 0"),
+    (["--dataset", "npz:/no/such.npz"], "does not exist"),
+])
+def test_cli_bad_input_exits_2_before_training(tmp_path, capsys, argv, match):
+    with pytest.raises(SystemExit) as e:
+        main(["--out", str(tmp_path / "o"), *argv])
+    assert e.value.code == 2
+    assert __import__("re").search(match, capsys.readouterr().err)
+    assert not (tmp_path / "o" / "last.pt").exists()
+
+
+def test_cli_end_to_end(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "aerl_ray.train", "--dataset", "digits",
+                          "--model", "tiny", "--regime", "rl", "--epochs", "2",
+                          "--explore-eps", "0.1", "--lr", "1e-3", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "test_acc" in out.stdout
+    assert (tmp_path / "best.pt").exists() and (tmp_path / "metrics.jsonl").exists()
