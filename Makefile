@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 run: $(STAMP)
-	$(PY) -m aerl_ray.train --dataset digits --model cnn4 --regime rl --epochs 20 --explore-eps 0.1 --lr 1e-3 --out runs/quickstart
+	$(PY) -m aerl_ray.sweep
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -1,0 +1,192 @@
+"""The evaluator pool: a named dispatcher actor lending N evaluator actors to all trials.
+
+``ray.util.ActorPool`` is driver-local bookkeeping and cannot be shared between Tune
+trials (separate processes), so the sweep creates one named async
+:class:`EvalDispatcher` that owns the :class:`EvaluatorActor` s; each trial looks it up by
+name and calls ``evaluate``.  The dispatcher queues callers while every evaluator is busy,
+and when an evaluator dies mid-job (a preempted node, a killed process) it replaces the
+actor and retries the job, so every job returns exactly one set of rows.
+
+Checkpoints travel through the object store (``ray.put`` of the weights-only checkpoint
+dict), so evaluators on other nodes need no shared filesystem.  Each evaluator keeps a
+transfer cache: adversarial examples of the reference model are crafted once per
+(attack, norm, eps) and reused for every later trial.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from typing import Any, Mapping
+
+import ray
+
+logger = logging.getLogger(__name__)
+
+POOL_KEYS = {"actors", "cpus_per_actor", "gpus_per_actor"}
+REFERENCE_LABEL = "sl_reference"
+
+
+def plan_from_spec(ev: Mapping[str, Any], has_reference: bool):
+    """The :class:`~aerl_ray.evaluate.EvalPlan` of a space file's ``evaluation:`` section
+    (its keys are EvalPlan fields plus the pool's ``actors``/``cpus_per_actor``/
+    ``gpus_per_actor``).  ``transfer`` crafts on the sweep's ``reference:`` model."""
+    from aerl_ray.evaluate import EvalPlan, EvalPlanError
+
+    fields = {f.name for f in dataclasses.fields(EvalPlan)}
+    unknown = set(ev) - fields - POOL_KEYS
+    if unknown:
+        raise EvalPlanError(f"unknown key(s) {sorted(unknown)}; known: "
+                            f"{', '.join(sorted(fields | POOL_KEYS))}")
+    kw = {k: v for k, v in ev.items() if k in fields}
+    attacks = kw.get("attacks", ("pgd",))
+    attacks = attacks.split(",") if isinstance(attacks, str) else list(attacks)
+    if "transfer" in attacks and not kw.get("transfer_source"):
+        if not has_reference:
+            raise EvalPlanError("attack 'transfer' needs a source: add a top-level 'reference:' "
+                                "section (e.g. {regime: sl, epochs: 10}) or "
+                                "evaluation.transfer_source: CKPT")
+        kw["transfer_source"] = REFERENCE_LABEL
+    for k in ("actors",):
+        if int(ev.get(k, 1)) < 1:
+            raise EvalPlanError("actors must be >= 1")
+    return EvalPlan(**kw)
+
+
+def check_objective(plan, attack: str, norm: str | None, eps: str | None) -> None:
+    """An objective must name an attack and budget the plan evaluates."""
+    from aerl_ray.attacks.threat import Norm, parse_eps
+    from aerl_ray.evaluate import EvalPlanError
+
+    base = attack.split(":")[0]
+    if base not in plan.attacks:
+        raise EvalPlanError(f"objective attack {attack!r} is not evaluated; evaluation.attacks "
+                            f"is {list(plan.attacks)}")
+    if norm is None or eps is None:
+        raise EvalPlanError(f"objective on {attack!r} needs 'norm' and 'eps'")
+    grids = dict(plan.grids)
+    nrm = Norm.parse(norm).value
+    if nrm not in grids or not any(abs(parse_eps(e) - parse_eps(eps)) < 1e-9 for e in grids[nrm]):
+        raise EvalPlanError(f"objective budget {norm} {eps} is not in the evaluation grid "
+                            f"{ {k: list(v) for k, v in grids.items()} }")
+
+
+class SweepEvaluator:
+    """Evaluates a trial's checkpoint dict; the transfer source is the sweep's reference."""
+
+    def __init__(self, plan_spec: Mapping[str, Any], reference: dict | None, seed: int,
+                 device: str = "cpu"):
+        from aerl_ray.attacks.transfer import TransferCache
+        from aerl_ray.checkpoint import model_from_checkpoint
+
+        self.plan = plan_from_spec(plan_spec, reference is not None)
+        if seed and "seed" not in plan_spec:
+            self.plan = dataclasses.replace(self.plan, seed=seed)
+        self.source = model_from_checkpoint(reference)[0] if reference is not None else None
+        self.cache = TransferCache()
+        self.device = device
+        self._data: dict[tuple, Any] = {}
+
+    def evaluate(self, ckpt: dict, meta: Mapping[str, Any]) -> dict:
+        from aerl_ray.evaluate import evaluate_checkpoint, load_test_data
+
+        cfg = ckpt.get("config", {})
+        key = tuple(sorted((k, str(cfg.get(k))) for k in ("dataset", "cache_dir", "image_size")))
+        if key not in self._data:
+            self._data[key] = load_test_data(cfg)
+        t = time.perf_counter()
+        rows, ind = evaluate_checkpoint(
+            ckpt, self.plan, data=self._data[key], run_id=meta.get("run_id", ""),
+            trial_id=meta.get("trial_id", ""), cache=self.cache, source=self.source,
+            device=self.device, label=meta.get("checkpoint", ""),
+            source_label=REFERENCE_LABEL if self.source is not None else None)
+        flags = sorted({f for r in rows for f in __import__("json").loads(r["flags"])})
+        return {"rows": rows, "indicators": ind, "seconds": time.perf_counter() - t,
+                "diagnostics": {"attack_flags": flags}, "masking_suspected": bool(flags)}
+
+
+@ray.remote(max_restarts=2, max_task_retries=0)
+class EvaluatorActor:
+    """Holds an :class:`aerl_ray.evaluate.Evaluator` (plan, reference model, caches)."""
+
+    def __init__(self, plan_spec: dict, reference: dict | None, seed: int):
+        import torch
+
+        gpus = ray.get_runtime_context().get_assigned_resources().get("GPU", 0)
+        device = "cuda" if gpus and torch.cuda.is_available() else "cpu"
+        self.evaluator = SweepEvaluator(plan_spec, reference, seed, device)
+        self.jobs = 0
+
+    def evaluate(self, ckpt: dict, meta: dict) -> dict:
+        self.jobs += 1
+        return self.evaluator.evaluate(ckpt, meta)
+
+    def info(self) -> dict:
+        import os
+
+        import psutil
+
+        return {"pid": os.getpid(), "jobs": self.jobs,
+                "rss": psutil.Process().memory_info().rss}
+
+
+@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
+class EvalDispatcher:
+    """Async actor: many trials call :meth:`evaluate` concurrently; each call borrows one
+    idle evaluator and returns it afterwards."""
+
+    def __init__(self, n: int, plan_spec: dict, reference_ref: list | None, seed: int,
+                 actor_options: dict, max_attempts: int = 3):
+        self.plan_spec, self.seed = plan_spec, seed
+        self.reference_ref = reference_ref[0] if reference_ref else None
+        self.options = actor_options
+        self.max_attempts = max_attempts
+        self.idle: asyncio.Queue = asyncio.Queue()
+        self.actors = [self._new_actor(i) for i in range(n)]
+        for a in self.actors:
+            self.idle.put_nowait(a)
+        self.retries = 0
+
+    def _new_actor(self, i: int):
+        return EvaluatorActor.options(**self.options).remote(
+            self.plan_spec, self.reference_ref, self.seed)
+
+    async def evaluate(self, ckpt_ref: list, meta: dict) -> dict:
+        """Evaluate one checkpoint (passed as ``[ObjectRef]`` so it is not copied here)."""
+        last_err: Exception | None = None
+        for attempt in range(self.max_attempts):
+            actor = await self.idle.get()
+            try:
+                result = await actor.evaluate.remote(ckpt_ref[0], meta)
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
+                last_err = e
+                self.retries += 1
+                logger.warning("evaluator died during %s (attempt %d): %s; replacing it",
+                               meta.get("trial_id"), attempt + 1, e)
+                ray.kill(actor, no_restart=True)
+                replacement = self._new_actor(len(self.actors))
+                self.actors = [replacement if a is actor else a for a in self.actors]
+                self.idle.put_nowait(replacement)
+                continue
+            self.idle.put_nowait(actor)
+            return result
+        raise RuntimeError(f"evaluation of {meta.get('trial_id')} failed on "
+                           f"{self.max_attempts} evaluators: {last_err}")
+
+    async def stats(self) -> dict[str, Any]:
+        return {"actors": len(self.actors), "idle": self.idle.qsize(), "retries": self.retries}
+
+    async def actor_handles(self) -> list:
+        return list(self.actors)
+
+
+def start_pool(name: str, namespace: str, n: int, plan_spec: dict, reference: dict | None,
+               seed: int, cpus: float, gpus: float):
+    """Create the named dispatcher (and its evaluators); returns the handle."""
+    options: dict[str, Any] = {"num_cpus": cpus}
+    if gpus:
+        options["num_gpus"] = gpus
+    ref = [ray.put(reference)] if reference is not None else None
+    return EvalDispatcher.options(name=name, namespace=namespace, lifetime=None).remote(
+        n, plan_spec, ref, seed, options)

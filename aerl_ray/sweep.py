@@ -1,0 +1,500 @@
+"""The sweep: Ray Tune + Optuna over Ray Train trials with a shared evaluator pool.
+
+``python -m aerl_ray.sweep`` (no arguments) runs ``search_spaces/quickstart.yaml`` on a
+local Ray with the embedded digits dataset.  On a cluster::
+
+    python -m aerl_ray.sweep --space search_spaces/paper_cifar10.yaml --address auto \
+        --storage s3://bucket/aerl --optuna-storage postgresql://user@head/aerl
+
+``--resume RUN_DIR`` continues a killed sweep (``Tuner.restore``).  Everything lands in
+the run dir (layout: :mod:`aerl_ray.results`).  Order of work: validate the space and all
+options, connect Ray, open the Optuna storage, train the transfer reference, start the
+evaluator pool, then run trials -- so bad input fails before any trial starts.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from aerl_ray import results as R
+from aerl_ray.space import SpaceError, SweepSpec, load_space, parse_space
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_SPACE = Path(__file__).resolve().parent.parent / "search_spaces" / "quickstart.yaml"
+NAMESPACE = "aerl"
+
+
+class SweepError(RuntimeError):
+    """A sweep cannot start or resume; the message says why and what to do."""
+
+
+@dataclass
+class SweepResult:
+    run_dir: Path
+    trials: pd.DataFrame
+    pareto: pd.DataFrame
+    objectives: list[dict]
+
+
+# ---------------------------------------------------------------------------------------
+# Optuna
+def make_sampler(spec: SweepSpec):
+    import optuna
+
+    s = dict(spec.sampler)
+    kind = s.pop("type")
+    seed = int(s.pop("seed", spec.seed))
+    if kind == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, **s)
+    if kind == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed, **s)
+    if kind == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.GridSampler({p.name: p.grid_values() for p in spec.params}, seed=seed)
+
+
+def open_storage(url: str):
+    """An Optuna RDB storage; fails clearly (before any trial) if it does not connect."""
+    import optuna
+
+    try:
+        return optuna.storages.RDBStorage(url)
+    except Exception as e:  # noqa: BLE001 - sqlalchemy/driver errors of many kinds
+        raise SweepError(f"cannot open the Optuna storage {url!r} ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:200]}). Check the URL, that the database "
+                         "server is reachable and its driver is installed (postgresql needs "
+                         "psycopg2), or omit --optuna-storage for a SQLite file in the run dir."
+                         ) from e
+
+
+def _searcher_class():
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    class ParetoSafeOptunaSearch(OptunaSearch):
+        """OptunaSearch that never records truncated trials as COMPLETE.
+
+        A trial whose last result lacks finite objective values (stopped early by ASHA,
+        or NaN objectives) becomes PRUNED; errors become FAIL (OptunaSearch's default).
+        Each study trial is tagged with its Tune trial id (dedupe after a restore)."""
+
+        def suggest(self, trial_id: str):
+            cfg = super().suggest(trial_id)
+            if isinstance(cfg, dict) and trial_id in self._ot_trials:
+                ot = self._ot_trials[trial_id]
+                ot.set_user_attr("tune_trial_id", trial_id)
+                cfg = {**cfg, "_number": ot.number}
+            return cfg
+
+        def on_trial_complete(self, trial_id: str, result: dict | None = None,
+                              error: bool = False) -> None:
+            ms = self.metric if isinstance(self.metric, list) else [self.metric]
+            vals = [(result or {}).get(m) for m in ms]
+            bad = any(v is None or (isinstance(v, float) and not math.isfinite(v)) for v in vals)
+            if not error and bad:
+                if trial_id in self._ot_trials and trial_id not in self._completed_trials:
+                    self._ot_study.tell(self._ot_trials[trial_id],
+                                        state=optuna.trial.TrialState.PRUNED)
+                    self._completed_trials.add(trial_id)
+                return
+            super().on_trial_complete(trial_id, result=result, error=error)
+
+    return ParetoSafeOptunaSearch
+
+
+def close_stale_trials(storage_url: str, study_name: str) -> int:
+    """Mark RUNNING study trials left by a killed driver as FAIL (after the sweep ends)."""
+    import optuna
+
+    study = optuna.load_study(study_name=study_name, storage=storage_url)
+    n = 0
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        study._storage.set_trial_user_attr(t._trial_id, "stale", True)
+        study.tell(t.number, state=optuna.trial.TrialState.FAIL)
+        n += 1
+    return n
+
+
+# ---------------------------------------------------------------------------------------
+# results
+def _results_callback(run: R.RunDir, run_id: str, spec: SweepSpec):
+    from ray import tune
+
+    from aerl_ray.trial import FINAL_KEY
+
+    names = [o.name for o in spec.objectives]
+    searched = {p.name for p in spec.params}
+
+    def trial_row(trial, status: str, result: dict, error: str = "") -> dict:
+        params = {k: v for k, v in (trial.config or {}).items() if k in searched}
+        row = {"run_id": run_id, "trial_id": trial.trial_id, "status": status, "error": error,
+               "regime": params.get("regime", spec.fixed.get("regime", "")),
+               "params": json.dumps(params, sort_keys=True, default=str),
+               "config": result.get("config_json", ""),
+               "config_hash": R.config_hash(json.loads(result["config_json"]))
+               if result.get("config_json") else "",
+               "epochs_run": int(result.get("epochs_run", result.get("training_iteration", 0))),
+               "val_acc": float(result.get("best_val_acc", result.get("val_acc", float("nan")))),
+               "clean_acc": float(result.get("clean_acc", float("nan"))),
+               "train_fwd_passes": int(result.get("train_fwd_passes", result.get("fwd_passes", 0))),
+               "train_bwd_passes": int(result.get("train_bwd_passes", result.get("bwd_passes", 0))),
+               "train_seconds": float(result.get("train_seconds", float("nan"))),
+               "eval_seconds": float(result.get("eval_seconds", float("nan"))),
+               "checkpoint": str(getattr(getattr(trial, "checkpoint", None), "path", "") or ""),
+               "masking_suspected": bool(result.get("masking_suspected", False)),
+               "diagnostics": result.get("diagnostics_json", "{}"),
+               "finished_at": time.time()}
+        row.update({f"obj_{n}": float(result.get(n, float("nan"))) for n in names})
+        row.update({f"p_{k}": v for k, v in params.items()})
+        return row
+
+    class ResultsWriter(tune.Callback):
+        """Driver-side: writes trial/eval/indicator rows to the run dir as they arrive."""
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            if not result.get(FINAL_KEY):
+                return
+            row = trial_row(trial, "COMPLETE", result)
+            evals = json.loads(result.get("eval_rows_json", "[]"))
+            for r in evals:
+                r["checkpoint"] = row["checkpoint"] or r.get("checkpoint", "")
+            R.append_rows(run.evals, evals)
+            R.append_rows(run.indicators, json.loads(result.get("indicator_rows_json", "[]")))
+            if not all(math.isfinite(row[f"obj_{n}"]) for n in names):
+                row["status"], row["error"] = "PRUNED", "an objective is NaN (not evaluated)"
+            R.append_rows(run.trials, [row])
+            logger.info("trial %s done: %s", trial.trial_id,
+                        {n: round(row[f"obj_{n}"], 4) for n in names})
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            last = trial.last_result or {}
+            if not last.get(FINAL_KEY):  # stopped before its evaluation (e.g. ASHA)
+                R.append_rows(run.trials, [trial_row(trial, "PRUNED", last,
+                                                     "stopped early by the scheduler")])
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            err = ""
+            try:
+                err = Path(trial.error_file).read_text()[-2000:] if trial.error_file else ""
+            except OSError:
+                pass
+            reason = next((ln for ln in reversed(err.splitlines()) if "Error" in ln), err[-300:])
+            R.append_rows(run.trials, [trial_row(trial, "FAILED", trial.last_result or {},
+                                                 reason.strip()[:500])])
+
+    return ResultsWriter()
+
+
+def pareto_front(df: pd.DataFrame, objectives: list[dict]) -> pd.DataFrame:
+    """Non-dominated COMPLETE trials (NaN objectives never on the front)."""
+    if df.empty:
+        return df
+    cols = [f"obj_{o['name']}" for o in objectives]
+    if any(c not in df.columns for c in cols):
+        return df.iloc[0:0]
+    ok = df[(df["status"] == "COMPLETE")].dropna(subset=cols)
+    signs = [1 if o.get("direction", "max") == "max" else -1 for o in objectives]
+    vals = ok[cols].to_numpy() * signs
+    keep = []
+    for i, v in enumerate(vals):
+        dominated = any((w >= v).all() and (w > v).any() for j, w in enumerate(vals) if j != i)
+        keep.append(not dominated)
+    return ok[keep].sort_values(cols[0], ascending=False)
+
+
+# ---------------------------------------------------------------------------------------
+# the driver
+def _connect(address: str | None, num_cpus: int | None):
+    import ray
+
+    if ray.is_initialized():
+        return
+    try:
+        if address:
+            ray.init(address=address, namespace=NAMESPACE, log_to_driver=False)
+        else:
+            ray.init(address="local", namespace=NAMESPACE, include_dashboard=True,
+                     num_cpus=num_cpus, log_to_driver=False)
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        raise SweepError(f"cannot connect to the Ray cluster at {address!r} ({e}). Start it "
+                         "(`ray start --head` or `ray up cluster.yaml`), use --address auto on "
+                         "a cluster node, and export RAY_AUTH_MODE=token (plus RAY_AUTH_TOKEN) "
+                         "when connecting to a token-authenticated cluster by address.") from e
+
+
+def _plan_resources(spec: SweepSpec, cluster: dict[str, float]) -> dict:
+    res = dict(spec.resources)
+    workers = int(res.get("workers", 1))
+    cpw = float(res.get("cpus_per_worker", 1))
+    gpus = float(cluster.get("GPU", 0))
+    use_gpu = res.get("use_gpu", "auto")
+    if use_gpu == "auto":
+        use_gpu = gpus > 0
+    if use_gpu and gpus <= 0:
+        raise SweepError("resources.use_gpu is true but the Ray cluster has no GPU; set "
+                         "resources.use_gpu: auto (CPU fallback) or add GPU nodes")
+    mode = res.get("mode", "auto")
+    if mode == "auto":
+        mode = "in_process" if workers == 1 else "ray_train"
+    if mode == "in_process" and workers != 1:
+        raise SweepError("resources.mode in_process needs workers: 1")
+    ev = spec.evaluation
+    eval_cpus = float(ev.get("cpus_per_actor", 0.5)) * int(ev.get("actors", 1))
+    free = max(0.0, float(cluster.get("CPU", 1)) - eval_cpus)
+    conc = max(1, int(free // (workers * cpw)))
+    if use_gpu:
+        gpw = float(res.get("gpus_per_worker", 1))
+        eval_gpus = float(ev.get("gpus_per_actor", 0)) * int(ev.get("actors", 1))
+        conc = max(1, min(conc, int((gpus - eval_gpus) // (workers * gpw))))
+    if spec.max_concurrent:
+        conc = min(conc, spec.max_concurrent)
+    if mode == "in_process":
+        trial_res = {"cpu": cpw, **({"gpu": float(res.get("gpus_per_worker", 1))} if use_gpu else {})}
+    else:  # the trial only drives a TorchTrainer: a tiny share avoids the 2-CPU deadlock
+        trial_res = {"cpu": 0.01}
+        if res.get("driver_resource"):
+            trial_res = {"cpu": 0.01, res["driver_resource"]: 0.01}
+    return {**res, "use_gpu": bool(use_gpu), "mode": mode, "concurrency": conc,
+            "trial_resources": trial_res}
+
+
+def _train_reference(spec: SweepSpec, run: R.RunDir, plan_res: dict) -> dict | None:
+    """Train (once; reused on resume) the SL reference model used by transfer attacks."""
+    import ray
+
+    from aerl_ray.checkpoint import load_checkpoint
+
+    ref = dict(spec.reference)
+    if not ref:
+        return None
+    if ref.get("checkpoint"):
+        return load_checkpoint(ref["checkpoint"])
+    path = run.root / "reference" / "best.pt"
+    if path.exists():
+        return load_checkpoint(path)
+    cfg = spec.train_config({k: v for k, v in ref.items() if k != "checkpoint"}, seed=spec.seed)
+    if not plan_res["use_gpu"]:
+        cfg = cfg.replace(device="cpu")
+
+    @ray.remote
+    def train_ref(flat: dict, out: str) -> None:
+        from aerl_ray.config import TrainConfig
+        from aerl_ray.train import fit
+
+        fit(TrainConfig.from_flat(flat), out)
+
+    opts = {"num_cpus": float(plan_res.get("cpus_per_worker", 1))}
+    if plan_res["use_gpu"]:
+        opts["num_gpus"] = float(plan_res.get("gpus_per_worker", 1))
+    logger.info("training the transfer reference (%s %s, %d epochs)", cfg.regime.regime,
+                cfg.model.model, cfg.epochs)
+    ray.get(train_ref.options(**opts).remote(cfg.to_flat(), str(path.parent)))
+    return load_checkpoint(path)
+
+
+def run_sweep(space: str | Path | None = None, run_dir: str | Path | None = None, *,
+              address: str | None = None, storage: str | None = None,
+              optuna_storage: str | None = None, resume: str | Path | None = None,
+              smoke: bool = False, num_samples: int | None = None,
+              num_cpus: int | None = None, verbose: int = 1) -> SweepResult:
+    """Run (or resume) a sweep and return its trial table and Pareto set."""
+    import ray
+    from ray import tune
+
+    # -- validate everything before Ray starts ------------------------------------------
+    if resume is not None:
+        run = R.RunDir(resume)
+        if not run.is_run_dir():
+            raise SweepError(f"{run.root} is not a sweep run dir (no sweep.json); give the "
+                             "directory a previous `python -m aerl_ray.sweep` printed")
+        saved = json.loads(run.spec.read_text())
+        if space is not None and Path(space).resolve() != Path(saved["space_file"]).resolve():
+            raise SweepError(f"{run.root} belongs to another sweep (space "
+                             f"{saved['space_file']}, not {space}); resume without --space or "
+                             "start a new run dir")
+        spec = parse_space(saved["space"], saved["space_file"])
+        run_id, study_name = saved["run_id"], saved["study_name"]
+        optuna_url, storage = saved["optuna_storage"], saved.get("storage") or storage
+        if not (run.tune / spec.name).exists() and not saved.get("storage"):
+            raise SweepError(f"{run.root} has no Tune experiment to restore (tune/{spec.name})")
+    else:
+        space = Path(space or DEFAULT_SPACE)
+        spec = load_space(space, smoke=smoke,
+                          overrides={"num_samples": num_samples} if num_samples else None)
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        run = R.RunDir(run_dir or Path("runs") / f"{spec.name}-{stamp}")
+        if run.is_run_dir():
+            raise SweepError(f"{run.root} already holds a sweep; use --resume {run.root} to "
+                             "continue it or choose another --run-dir")
+        run.root.mkdir(parents=True, exist_ok=True)
+        run_id = f"{spec.name}-{stamp}-{uuid.uuid4().hex[:6]}"
+        study_name = run_id
+        optuna_url = optuna_storage or f"sqlite:///{run.optuna_db}"
+    if storage and "://" not in storage and not os.path.isabs(storage):
+        storage = os.path.abspath(storage)
+    optuna_rdb = open_storage(optuna_url)
+
+    _connect(address, num_cpus)
+    cluster = ray.cluster_resources()
+    plan_res = _plan_resources(spec, cluster)
+    tune_storage = storage or str(run.tune)
+    if resume is None:
+        run.spec.write_text(json.dumps({
+            "run_id": run_id, "study_name": study_name, "optuna_storage": optuna_url,
+            "storage": storage, "space_file": str(Path(spec.source).resolve()),
+            "space": spec.raw, "smoke": smoke,
+            "objectives": [o.__dict__ for o in spec.objectives], "created_at": time.time(),
+            "command": " ".join(sys.argv)}, indent=1, default=str))
+    for table in (run.trials, run.evals, run.indicators):
+        for p in R.repair_table(table):
+            logger.warning("repaired %s", p)
+
+    # -- the evaluator pool and the transfer reference ------------------------------------
+    reference = _train_reference(spec, run, plan_res)
+    ev = spec.evaluation
+    from aerl_ray.evalpool import start_pool
+
+    dispatcher_name = f"eval-{run_id}"
+    pool = start_pool(dispatcher_name, NAMESPACE, int(ev.get("actors", 1)), dict(ev), reference,
+               spec.seed, float(ev.get("cpus_per_actor", 0.5)),
+               float(ev.get("gpus_per_actor", 0)) if plan_res["use_gpu"] else 0.0)
+
+    # -- Tune + Optuna ----------------------------------------------------------------
+    objectives = [o.__dict__ for o in spec.objectives]
+    meta = {"run_id": run_id, "fixed": dict(spec.fixed), "objectives": objectives,
+            "resources": plan_res, "mode": plan_res["mode"], "base_seed": spec.seed,
+            "dispatcher": dispatcher_name, "namespace": NAMESPACE,
+            "train_storage": os.path.join(tune_storage, spec.name + "-train")
+            if "://" not in tune_storage else tune_storage.rstrip("/") + f"/{spec.name}-train"}
+    from aerl_ray.trial import trial_fn
+
+    trainable = tune.with_resources(trial_fn, plan_res["trial_resources"])
+    searcher = _searcher_class()(
+        space=spec.define_by_run, metric=[o.name for o in spec.objectives],
+        mode=[o.direction for o in spec.objectives], sampler=make_sampler(spec),
+        points_to_evaluate=[dict(p) for p in spec.points_to_evaluate] or None,
+        study_name=study_name, storage=optuna_rdb)
+    scheduler = None
+    if spec.scheduler.get("type") == "asha":
+        from ray.tune.schedulers import ASHAScheduler
+
+        s = spec.scheduler
+        scheduler = ASHAScheduler(metric=s["metric"], mode=s.get("mode", "max"),
+                                  time_attr="training_iteration",
+                                  grace_period=int(s.get("grace_period", 1)),
+                                  reduction_factor=float(s.get("reduction_factor", 2)),
+                                  max_t=int(spec.fixed.get("epochs", 1000)) + 1)
+    callbacks = [_results_callback(run, run_id, spec)]
+    run_config = tune.RunConfig(name=spec.name, storage_path=tune_storage, callbacks=callbacks,
+                                verbose=verbose,
+                                failure_config=tune.FailureConfig(max_failures=1))
+    param_space = {"_aerl": meta}
+    if resume is not None:
+        exp = f"{tune_storage.rstrip('/')}/{spec.name}"
+        tuner = tune.Tuner.restore(exp, trainable=trainable, resume_unfinished=True,
+                                   resume_errored=False, restart_errored=False,
+                                   param_space=param_space)
+    else:
+        tuner = tune.Tuner(trainable, param_space=param_space, run_config=run_config,
+                           tune_config=tune.TuneConfig(
+                               search_alg=searcher, scheduler=scheduler,
+                               num_samples=spec.num_samples,
+                               trial_dirname_creator=lambda t: f"trial_{t.trial_id}",
+                               max_concurrent_trials=plan_res["concurrency"]))
+    logger.info("sweep %s: %d trials, %d concurrent (%s mode), run dir %s", run_id,
+                spec.num_samples, plan_res["concurrency"], plan_res["mode"], run.root)
+    try:
+        tuner.fit()
+    finally:
+        ray.kill(pool)
+    stale = close_stale_trials(optuna_url, study_name)
+    if stale:
+        logger.info("marked %d stale RUNNING study trials as FAIL", stale)
+    trials = R.read_table(run.trials, key=R.TRIAL_KEY)
+    return SweepResult(run.root, trials, pareto_front(trials, objectives), objectives)
+
+
+# ---------------------------------------------------------------------------------------
+# CLI
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m aerl_ray.sweep",
+        description="Multi-objective (clean vs robust accuracy) search over training regimes: "
+                    "Ray Tune + Optuna trials that train with Ray Train and are evaluated by a "
+                    "shared evaluator actor pool.")
+    p.add_argument("--space", default=None,
+                   help=f"search-space YAML (default: {DEFAULT_SPACE.relative_to(DEFAULT_SPACE.parent.parent)})")
+    p.add_argument("--run-dir", default=None, help="output dir (default runs/<name>-<time>)")
+    p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue a killed sweep")
+    p.add_argument("--address", default=None,
+                   help="Ray cluster address (auto on a cluster node); default: a local Ray")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray")
+    p.add_argument("--storage", default=None,
+                   help="Ray Train/Tune storage: shared path or URI (s3://...); required on "
+                        "multi-node clusters; default: the run dir")
+    p.add_argument("--optuna-storage", default=None,
+                   help="SQLAlchemy URL of the Optuna study (default sqlite:///RUN/optuna.db)")
+    p.add_argument("--num-samples", type=int, default=None, help="override num_samples")
+    p.add_argument("--smoke", action="store_true",
+                   help="apply the space's smoke: overrides (tiny runs, for tests)")
+    p.add_argument("--no-report", action="store_true", help="skip the HTML report at the end")
+    p.add_argument("--log-level", default="INFO")
+    return p
+
+
+def format_pareto(res: SweepResult) -> str:
+    names = [o["name"] for o in res.objectives]
+    cols = ["trial_id", "regime"] + [f"obj_{n}" for n in names] + ["masking_suspected"]
+    cols += sorted(c for c in res.pareto.columns if c.startswith("p_") and c != "p_regime")
+    if res.pareto.empty:
+        return "(no completed trials)"
+    return res.pareto[[c for c in cols if c in res.pareto.columns]].to_string(
+        index=False, float_format=lambda v: f"{v:.4g}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from aerl_ray.cli import fail, setup_logging
+    from aerl_ray.config import ConfigError
+
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    setup_logging(ns.log_level)
+    try:
+        res = run_sweep(ns.space, ns.run_dir, address=ns.address, storage=ns.storage,
+                        optuna_storage=ns.optuna_storage, resume=ns.resume, smoke=ns.smoke,
+                        num_samples=ns.num_samples, num_cpus=ns.num_cpus)
+    except (SweepError, SpaceError, ConfigError) as e:
+        fail(parser, e)
+    run = R.RunDir(res.run_dir)
+    done = res.trials[res.trials["status"] == "COMPLETE"] if not res.trials.empty else res.trials
+    print(f"\n{len(done)} of {len(res.trials)} trials completed.  Pareto set "
+          f"({' vs '.join(o['name'] for o in res.objectives)}):")
+    print(format_pareto(res))
+    print(f"\nrun dir:      {run.root}\nresults:      {run.trials}  {run.evals}  {run.indicators}"
+          f"\ntensorboard:  tensorboard --logdir {run.root}"
+          f"\noptuna:       optuna-dashboard {json.loads(run.spec.read_text())['optuna_storage']}")
+    if not ns.no_report:
+        try:
+            from analysis.report import write_report
+
+            rep = write_report(run.root)
+            print(f"report:       {rep.html}")
+        except ImportError:
+            pass
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
