@@ -221,6 +221,8 @@ def _connect(address: str | None, num_cpus: int | None):
 
     if ray.is_initialized():
         return
+    if address and address not in ("auto", "local"):
+        _check_reachable(address)
     try:
         if address:
             ray.init(address=address, namespace=NAMESPACE, log_to_driver=False)
@@ -234,23 +236,41 @@ def _connect(address: str | None, num_cpus: int | None):
                          "when connecting to a token-authenticated cluster by address.") from e
 
 
-def _plan_resources(spec: SweepSpec, cluster: dict[str, float]) -> dict:
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Fail in seconds (not after Ray's long connection retries) on a dead host:port."""
+    import socket
+    from urllib.parse import urlparse
+
+    hostport = urlparse(address if "://" in address else f"ray://{address}")
+    host, port = hostport.hostname, hostport.port or 6379
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            pass
+    except OSError as e:
+        raise SweepError(f"cannot reach the Ray cluster at {address!r} ({e}); check the "
+                         "address (head node IP and GCS port, default 6379), that `ray start "
+                         "--head` runs there, or use --address auto on a cluster node") from e
+
+
+def _plan_resources(spec: SweepSpec, cluster: dict[str, float],
+                    gpus_per_node: float | None = None) -> dict:
+    """Trial resources, training mode, GPU use and concurrency for this cluster."""
+    from aerl_ray.cluster import check_gpu_request, resolve_use_gpu
+
     res = dict(spec.resources)
     workers = int(res.get("workers", 1))
     cpw = float(res.get("cpus_per_worker", 1))
     gpus = float(cluster.get("GPU", 0))
-    use_gpu = res.get("use_gpu", "auto")
-    if use_gpu == "auto":
-        use_gpu = gpus > 0
-    if use_gpu and gpus <= 0:
-        raise SweepError("resources.use_gpu is true but the Ray cluster has no GPU; set "
-                         "resources.use_gpu: auto (CPU fallback) or add GPU nodes")
+    use_gpu = resolve_use_gpu(res.get("use_gpu", "auto"), cluster)
+    ev = spec.evaluation
+    check_gpu_request(float(res.get("gpus_per_worker", 1)) if use_gpu else 0,
+                      float(ev.get("gpus_per_actor", 0)) if use_gpu else 0, cluster,
+                      gpus_per_node=gpus_per_node)
     mode = res.get("mode", "auto")
     if mode == "auto":
         mode = "in_process" if workers == 1 else "ray_train"
     if mode == "in_process" and workers != 1:
         raise SweepError("resources.mode in_process needs workers: 1")
-    ev = spec.evaluation
     eval_cpus = float(ev.get("cpus_per_actor", 0.5)) * int(ev.get("actors", 1))
     free = max(0.0, float(cluster.get("CPU", 1)) - eval_cpus)
     conc = max(1, int(free // (workers * cpw)))
@@ -308,8 +328,12 @@ def run_sweep(space: str | Path | None = None, run_dir: str | Path | None = None
               address: str | None = None, storage: str | None = None,
               optuna_storage: str | None = None, resume: str | Path | None = None,
               smoke: bool = False, num_samples: int | None = None,
-              num_cpus: int | None = None, verbose: int = 1) -> SweepResult:
-    """Run (or resume) a sweep and return its trial table and Pareto set."""
+              overrides: dict | None = None, num_cpus: int | None = None,
+              verbose: int = 1) -> SweepResult:
+    """Run (or resume) a sweep and return its trial table and Pareto set.
+
+    ``overrides`` is deep-merged into the space file (after ``smoke``), e.g.
+    ``{"fixed": {"dataset": "npz:/data/mine.npz"}}``."""
     import ray
     from ray import tune
 
@@ -331,8 +355,10 @@ def run_sweep(space: str | Path | None = None, run_dir: str | Path | None = None
             raise SweepError(f"{run.root} has no Tune experiment to restore (tune/{spec.name})")
     else:
         space = Path(space or DEFAULT_SPACE)
-        spec = load_space(space, smoke=smoke,
-                          overrides={"num_samples": num_samples} if num_samples else None)
+        extra = dict(overrides or {})
+        if num_samples:
+            extra["num_samples"] = num_samples
+        spec = load_space(space, smoke=smoke, overrides=extra or None)
         stamp = time.strftime("%Y%m%d-%H%M%S")
         run = R.RunDir(run_dir or Path("runs") / f"{spec.name}-{stamp}")
         if run.is_run_dir():
@@ -342,13 +368,17 @@ def run_sweep(space: str | Path | None = None, run_dir: str | Path | None = None
         run_id = f"{spec.name}-{stamp}-{uuid.uuid4().hex[:6]}"
         study_name = run_id
         optuna_url = optuna_storage or f"sqlite:///{run.optuna_db}"
-    if storage and "://" not in storage and not os.path.isabs(storage):
-        storage = os.path.abspath(storage)
     optuna_rdb = open_storage(optuna_url)
 
     _connect(address, num_cpus)
-    cluster = ray.cluster_resources()
-    plan_res = _plan_resources(spec, cluster)
+    from aerl_ray.cluster import GpuRequestError, StorageError, check_storage, cluster_nodes_summary
+
+    summary = cluster_nodes_summary()
+    try:
+        storage = check_storage(storage, summary.nodes_possible)
+        plan_res = _plan_resources(spec, summary.reachable, summary.max_gpus_per_node or None)
+    except (StorageError, GpuRequestError) as e:
+        raise SweepError(str(e)) from e
     tune_storage = storage or str(run.tune)
     if resume is None:
         run.spec.write_text(json.dumps({
@@ -441,11 +471,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default=None,
                    help="Ray cluster address (auto on a cluster node); default: a local Ray")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray")
-    p.add_argument("--storage", default=None,
+    p.add_argument("--storage", default=os.environ.get("AERL_STORAGE"),
                    help="Ray Train/Tune storage: shared path or URI (s3://...); required on "
-                        "multi-node clusters; default: the run dir")
-    p.add_argument("--optuna-storage", default=None,
-                   help="SQLAlchemy URL of the Optuna study (default sqlite:///RUN/optuna.db)")
+                        "multi-node clusters; default: $AERL_STORAGE or the run dir")
+    p.add_argument("--optuna-storage", default=os.environ.get("AERL_OPTUNA_STORAGE"),
+                   help="SQLAlchemy URL of the Optuna study (default: $AERL_OPTUNA_STORAGE or "
+                        "sqlite:///RUN/optuna.db)")
     p.add_argument("--num-samples", type=int, default=None, help="override num_samples")
     p.add_argument("--smoke", action="store_true",
                    help="apply the space's smoke: overrides (tiny runs, for tests)")
@@ -486,13 +517,10 @@ def main(argv: list[str] | None = None) -> int:
           f"\ntensorboard:  tensorboard --logdir {run.root}"
           f"\noptuna:       optuna-dashboard {json.loads(run.spec.read_text())['optuna_storage']}")
     if not ns.no_report:
-        try:
-            from analysis.report import write_report
+        from analysis.report import write_report
 
-            rep = write_report(run.root)
-            print(f"report:       {rep.html}")
-        except ImportError:
-            pass
+        rep = write_report(run.root, command=" ".join(["python -m aerl_ray.sweep", *(argv or sys.argv[1:])]))
+        print(f"\n{rep.markdown}\nreport:       {rep.paths['report.html']}")
     return 0
 
 
