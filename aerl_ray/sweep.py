@@ -91,15 +91,39 @@ def _searcher_class():
         Each study trial is tagged with its Tune trial id (dedupe after a restore)."""
 
         def suggest(self, trial_id: str):
-            cfg = super().suggest(trial_id)
-            if isinstance(cfg, dict) and trial_id in self._ot_trials:
+            # A searcher restored from an older snapshot re-issues configs (e.g. its
+            # points_to_evaluate) that already finished before the driver died: skip those.
+            for _ in range(20):
+                cfg = super().suggest(trial_id)
+                if not isinstance(cfg, dict) or trial_id not in self._ot_trials:
+                    return cfg
                 ot = self._ot_trials[trial_id]
-                ot.set_user_attr("tune_trial_id", trial_id)
-                cfg = {**cfg, "_number": ot.number}
+                if ot.params not in self._finished_params(exclude=ot.number):
+                    ot.set_user_attr("tune_trial_id", trial_id)
+                    return {**cfg, "_number": ot.number}
+                ot.set_user_attr("duplicate", True)
+                self._ot_study.tell(ot, state=optuna.trial.TrialState.FAIL)
+                del self._ot_trials[trial_id]
             return cfg
+
+        def _finished_params(self, exclude: int) -> list[dict]:
+            return [t.params for t in self._ot_study.get_trials(
+                deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)) if t.number != exclude]
+
+        def _adopt(self, trial_id: str) -> None:
+            """After a restore, a trial suggested after the last searcher snapshot is
+            unknown to the restored searcher: find its RUNNING study trial by tag."""
+            running = self._ot_study.get_trials(deepcopy=False,
+                                                states=(optuna.trial.TrialState.RUNNING,))
+            for t in running:
+                if t.user_attrs.get("tune_trial_id") == trial_id:
+                    self._ot_trials[trial_id] = optuna.trial.Trial(self._ot_study, t._trial_id)
+                    return
 
         def on_trial_complete(self, trial_id: str, result: dict | None = None,
                               error: bool = False) -> None:
+            if trial_id not in self._ot_trials:
+                self._adopt(trial_id)
             ms = self.metric if isinstance(self.metric, list) else [self.metric]
             vals = [(result or {}).get(m) for m in ms]
             bad = any(v is None or (isinstance(v, float) and not math.isfinite(v)) for v in vals)
@@ -152,6 +176,8 @@ def _results_callback(run: R.RunDir, run_id: str, spec: SweepSpec):
                "train_bwd_passes": int(result.get("train_bwd_passes", result.get("bwd_passes", 0))),
                "train_seconds": float(result.get("train_seconds", float("nan"))),
                "eval_seconds": float(result.get("eval_seconds", float("nan"))),
+               "eval_compute_seconds": float(result.get("eval_compute_seconds", float("nan"))),
+               "trial_seconds": float(result.get("trial_seconds", float("nan"))),
                "checkpoint": str(getattr(getattr(trial, "checkpoint", None), "path", "") or ""),
                "masking_suspected": bool(result.get("masking_suspected", False)),
                "diagnostics": result.get("diagnostics_json", "{}"),
@@ -219,10 +245,10 @@ def pareto_front(df: pd.DataFrame, objectives: list[dict]) -> pd.DataFrame:
 def _connect(address: str | None, num_cpus: int | None):
     import ray
 
-    if ray.is_initialized():
-        return
     if address and address not in ("auto", "local"):
         _check_reachable(address)
+    if ray.is_initialized():
+        return
     try:
         if address:
             ray.init(address=address, namespace=NAMESPACE, log_to_driver=False)

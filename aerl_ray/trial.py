@@ -150,7 +150,7 @@ def trial_fn(config: dict) -> None:
         flat["device"] = "cpu"
     cfg = TrainConfig.from_flat(flat)
     names = [o["name"] for o in meta["objectives"]]
-    t0 = time.perf_counter()
+    t_start = t0 = time.perf_counter()
     if meta["mode"] == "in_process":
         trained = _train_in_process(cfg, names)
     else:
@@ -166,6 +166,8 @@ def trial_fn(config: dict) -> None:
     eval_seconds = time.perf_counter() - t1
     final = final_report(evaluation, meta["objectives"], best, history, cfg)
     final.update(train_seconds=train_seconds, eval_seconds=eval_seconds,
+                 eval_compute_seconds=float(evaluation.get("seconds", eval_seconds)),
+                 trial_seconds=time.perf_counter() - t_start,
                  config_json=json.dumps(cfg.to_flat(), sort_keys=True),
                  params_json=json.dumps({k: v for k, v in params.items()}, sort_keys=True,
                                         default=str),

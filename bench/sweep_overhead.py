@@ -1,0 +1,90 @@
+"""Sweep overhead, measured side by side in one run (ratios, not absolute times).
+
+Runs the quickstart space in smoke size (tiny model, digits) on a fresh local Ray:
+
+1. ``in_process`` mode (1-worker trials run the training loop inside the Tune trial):
+   sweep wall time (``Tuner.fit`` and the whole ``run_sweep``) / ideal parallel time,
+   where ideal = sum over trials of (training + evaluator compute) / concurrency.
+   Target <= 1.15 on 2 CPUs.  Per-trial overhead = trial wall time - training - evaluation.
+2. the same trials in ``ray_train`` mode (a TorchTrainer per trial, Train V2): the
+   per-trial overhead that in_process mode saves.
+
+    python bench/sweep_overhead.py [--num-samples 6] [--epochs 3]
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+import ray
+
+from aerl_ray import sweep
+
+SPACE = Path(__file__).resolve().parent.parent / "search_spaces" / "quickstart.yaml"
+
+
+def run(mode: str, n: int, epochs: int, tmp: Path) -> dict:
+    t0 = time.perf_counter()
+    timings: dict = {}
+    orig_fit = ray.tune.Tuner.fit
+
+    def timed_fit(self):
+        t = time.perf_counter()
+        try:
+            return orig_fit(self)
+        finally:
+            timings["fit"] = time.perf_counter() - t
+
+    ray.tune.Tuner.fit = timed_fit
+    try:
+        res = sweep.run_sweep(SPACE, tmp / mode, smoke=True, num_samples=n, verbose=0,
+                              num_cpus=2, overrides={"fixed": {"epochs": epochs},
+                                                     "resources": {"mode": mode}})
+    finally:
+        ray.tune.Tuner.fit = orig_fit
+    total = time.perf_counter() - t0
+    ray.shutdown()
+    t = res.trials
+    conc = sweep._plan_resources(res_spec(n, epochs, mode), {"CPU": 2.0})["concurrency"]
+    work = float((t["train_seconds"] + t["eval_compute_seconds"]).sum())
+    ideal = work / conc
+    overhead = (t["trial_seconds"] - t["train_seconds"] - t["eval_seconds"]).mean()
+    return {"mode": mode, "trials": len(t), "concurrency": conc, "fit": timings["fit"],
+            "total": total, "ideal": ideal, "per_trial_overhead": float(overhead),
+            "trial_seconds": float(t["trial_seconds"].mean()),
+            "train": float(t["train_seconds"].mean())}
+
+
+def res_spec(n, epochs, mode):
+    from aerl_ray.space import load_space
+
+    return load_space(SPACE, smoke=True, overrides={"num_samples": n, "fixed": {"epochs": epochs},
+                                                    "resources": {"mode": mode}})
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--num-samples", type=int, default=6)
+    p.add_argument("--epochs", type=int, default=3)
+    a = p.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    with tempfile.TemporaryDirectory() as d:
+        rows = [run(m, a.num_samples, a.epochs, Path(d)) for m in ("in_process", "ray_train")]
+    print(f"quickstart --smoke, {a.num_samples} trials x {a.epochs} epochs, local Ray 2 CPUs")
+    print(f"{'mode':11s} {'conc':>4s} {'fit s':>7s} {'total s':>8s} {'ideal s':>8s} "
+          f"{'fit/ideal':>9s} {'total/ideal':>11s} {'trial s':>8s} {'train s':>8s} "
+          f"{'overhead s/trial':>16s}")
+    for r in rows:
+        print(f"{r['mode']:11s} {r['concurrency']:4d} {r['fit']:7.1f} {r['total']:8.1f} "
+              f"{r['ideal']:8.1f} {r['fit'] / r['ideal']:9.2f} {r['total'] / r['ideal']:11.2f} "
+              f"{r['trial_seconds']:8.1f} {r['train']:8.1f} {r['per_trial_overhead']:16.1f}")
+    saving = rows[1]["trial_seconds"] - rows[0]["trial_seconds"]
+    print(f"in_process saves {saving:.1f} s per trial vs a TorchTrainer per trial "
+          f"(trial wall time {rows[0]['trial_seconds']:.1f} s vs {rows[1]['trial_seconds']:.1f} s)")
+
+
+if __name__ == "__main__":
+    main()
