@@ -184,7 +184,8 @@ class EvalDispatcher:
 def start_pool(name: str, namespace: str, n: int, plan_spec: dict, reference: dict | None,
                seed: int, cpus: float, gpus: float):
     """Create the named dispatcher (and its evaluators); returns the handle."""
-    options: dict[str, Any] = {"num_cpus": cpus}
+    # SPREAD: evaluators land on different nodes (a lost node takes one evaluator, not all)
+    options: dict[str, Any] = {"num_cpus": cpus, "scheduling_strategy": "SPREAD"}
     if gpus:
         options["num_gpus"] = gpus
     ref = [ray.put(reference)] if reference is not None else None

@@ -46,6 +46,8 @@ class SweepResult:
     trials: pd.DataFrame
     pareto: pd.DataFrame
     objectives: list[dict]
+    fit_seconds: float = float("nan")  # wall time of Tuner.fit (the trials themselves)
+    concurrency: int = 1
 
 
 # ---------------------------------------------------------------------------------------
@@ -83,11 +85,14 @@ def _searcher_class():
     import optuna
     from ray.tune.search.optuna import OptunaSearch
 
+    from aerl_ray.trial import ERROR_KEY
+
     class ParetoSafeOptunaSearch(OptunaSearch):
         """OptunaSearch that never records truncated trials as COMPLETE.
 
         A trial whose last result lacks finite objective values (stopped early by ASHA,
-        or NaN objectives) becomes PRUNED; errors become FAIL (OptunaSearch's default).
+        or NaN objectives) becomes PRUNED; errors and diverged trials (``ERROR_KEY``)
+        become FAIL.
         Each study trial is tagged with its Tune trial id (dedupe after a restore)."""
 
         def suggest(self, trial_id: str):
@@ -129,8 +134,11 @@ def _searcher_class():
             bad = any(v is None or (isinstance(v, float) and not math.isfinite(v)) for v in vals)
             if not error and bad:
                 if trial_id in self._ot_trials and trial_id not in self._completed_trials:
-                    self._ot_study.tell(self._ot_trials[trial_id],
-                                        state=optuna.trial.TrialState.PRUNED)
+                    ot, reason = self._ot_trials[trial_id], (result or {}).get(ERROR_KEY)
+                    if reason:  # diverged: FAIL, with the reason
+                        ot.set_user_attr("error", str(reason)[:500])
+                    self._ot_study.tell(ot, state=optuna.trial.TrialState.FAIL if reason
+                                        else optuna.trial.TrialState.PRUNED)
                     self._completed_trials.add(trial_id)
                 return
             super().on_trial_complete(trial_id, result=result, error=error)
@@ -156,7 +164,7 @@ def close_stale_trials(storage_url: str, study_name: str) -> int:
 def _results_callback(run: R.RunDir, run_id: str, spec: SweepSpec):
     from ray import tune
 
-    from aerl_ray.trial import FINAL_KEY
+    from aerl_ray.trial import ERROR_KEY, FINAL_KEY
 
     names = [o.name for o in spec.objectives]
     searched = {p.name for p in spec.params}
@@ -198,7 +206,9 @@ def _results_callback(run: R.RunDir, run_id: str, spec: SweepSpec):
                 r["checkpoint"] = row["checkpoint"] or r.get("checkpoint", "")
             R.append_rows(run.evals, evals)
             R.append_rows(run.indicators, json.loads(result.get("indicator_rows_json", "[]")))
-            if not all(math.isfinite(row[f"obj_{n}"]) for n in names):
+            if result.get(ERROR_KEY):  # diverged: final, not retried
+                row["status"], row["error"] = "FAILED", str(result[ERROR_KEY])[:500]
+            elif not all(math.isfinite(row[f"obj_{n}"]) for n in names):
                 row["status"], row["error"] = "PRUNED", "an objective is NaN (not evaluated)"
             R.append_rows(run.trials, [row])
             logger.info("trial %s done: %s", trial.trial_id,
@@ -431,6 +441,7 @@ def run_sweep(space: str | Path | None = None, run_dir: str | Path | None = None
     objectives = [o.__dict__ for o in spec.objectives]
     meta = {"run_id": run_id, "fixed": dict(spec.fixed), "objectives": objectives,
             "resources": plan_res, "mode": plan_res["mode"], "base_seed": spec.seed,
+            "scheduler_metric": spec.scheduler.get("metric"),
             "dispatcher": dispatcher_name, "namespace": NAMESPACE,
             "train_storage": os.path.join(tune_storage, spec.name + "-train")
             if "://" not in tune_storage else tune_storage.rstrip("/") + f"/{spec.name}-train"}
@@ -468,18 +479,24 @@ def run_sweep(space: str | Path | None = None, run_dir: str | Path | None = None
                                search_alg=searcher, scheduler=scheduler,
                                num_samples=spec.num_samples,
                                trial_dirname_creator=lambda t: f"trial_{t.trial_id}",
+                               # a new trial reuses a finished trial's process: no
+                               # re-import of torch/Ray per trial (seconds each)
+                               reuse_actors=True,
                                max_concurrent_trials=plan_res["concurrency"]))
     logger.info("sweep %s: %d trials, %d concurrent (%s mode), run dir %s", run_id,
                 spec.num_samples, plan_res["concurrency"], plan_res["mode"], run.root)
+    t_fit = time.perf_counter()
     try:
         tuner.fit()
     finally:
         ray.kill(pool)
+    fit_seconds = time.perf_counter() - t_fit
     stale = close_stale_trials(optuna_url, study_name)
     if stale:
         logger.info("marked %d stale RUNNING study trials as FAIL", stale)
     trials = R.read_table(run.trials, key=R.TRIAL_KEY)
-    return SweepResult(run.root, trials, pareto_front(trials, objectives), objectives)
+    return SweepResult(run.root, trials, pareto_front(trials, objectives), objectives,
+                       fit_seconds, plan_res["concurrency"])
 
 
 # ---------------------------------------------------------------------------------------

@@ -28,41 +28,20 @@ SPACE = Path(__file__).resolve().parent.parent / "search_spaces" / "quickstart.y
 
 def run(mode: str, n: int, epochs: int, tmp: Path) -> dict:
     t0 = time.perf_counter()
-    timings: dict = {}
-    orig_fit = ray.tune.Tuner.fit
-
-    def timed_fit(self):
-        t = time.perf_counter()
-        try:
-            return orig_fit(self)
-        finally:
-            timings["fit"] = time.perf_counter() - t
-
-    ray.tune.Tuner.fit = timed_fit
-    try:
-        res = sweep.run_sweep(SPACE, tmp / mode, smoke=True, num_samples=n, verbose=0,
-                              num_cpus=2, overrides={"fixed": {"epochs": epochs},
-                                                     "resources": {"mode": mode}})
-    finally:
-        ray.tune.Tuner.fit = orig_fit
+    res = sweep.run_sweep(SPACE, tmp / mode, smoke=True, num_samples=n, verbose=0,
+                          num_cpus=2, overrides={"fixed": {"epochs": epochs},
+                                                 "resources": {"mode": mode}})
     total = time.perf_counter() - t0
     ray.shutdown()
     t = res.trials
-    conc = sweep._plan_resources(res_spec(n, epochs, mode), {"CPU": 2.0})["concurrency"]
+    conc = res.concurrency
     work = float((t["train_seconds"] + t["eval_compute_seconds"]).sum())
     ideal = work / conc
     overhead = (t["trial_seconds"] - t["train_seconds"] - t["eval_seconds"]).mean()
-    return {"mode": mode, "trials": len(t), "concurrency": conc, "fit": timings["fit"],
+    return {"mode": mode, "trials": len(t), "concurrency": conc, "fit": res.fit_seconds,
             "total": total, "ideal": ideal, "per_trial_overhead": float(overhead),
             "trial_seconds": float(t["trial_seconds"].mean()),
             "train": float(t["train_seconds"].mean())}
-
-
-def res_spec(n, epochs, mode):
-    from aerl_ray.space import load_space
-
-    return load_space(SPACE, smoke=True, overrides={"num_samples": n, "fixed": {"epochs": epochs},
-                                                    "resources": {"mode": mode}})
 
 
 def main() -> None:
