@@ -99,7 +99,7 @@ class SweepEvaluator:
         rows, ind = evaluate_checkpoint(
             ckpt, self.plan, data=self._data[key], run_id=meta.get("run_id", ""),
             trial_id=meta.get("trial_id", ""), cache=self.cache, source=self.source,
-            device=self.device, label=meta.get("checkpoint", ""),
+            device=self.device, label=meta.get("checkpoint") or None,
             source_label=REFERENCE_LABEL if self.source is not None else None)
         flags = sorted({f for r in rows for f in __import__("json").loads(r["flags"])})
         return {"rows": rows, "indicators": ind, "seconds": time.perf_counter() - t,

@@ -50,14 +50,17 @@ EVAL_COLUMNS: dict[str, str] = {
     "eps_str": "the budget as written by the user (e.g. '8/255')",
     "n": "number of test examples evaluated",
     "clean_acc": "clean accuracy on those n examples",
-    "robust_acc": "robust accuracy (fraction still correct under the attack)",
+    "robust_acc": "robust accuracy (fraction still correct under the attack; per example "
+                  "the worst case over the grid's budgets <= eps)",
     "ci_low": "95% Wilson interval, lower bound of robust_acc",
     "ci_high": "95% Wilson interval, upper bound of robust_acc",
     "seed": "attack seed",
-    "fwd_passes": "forward example-passes the attack used",
-    "bwd_passes": "backward example-passes the attack used",
+    "fwd_passes": "forward example-passes the attack used at this budget (the budgets of "
+                  "a grid run in one pass: the incremental cost; transfer: incl. crafting "
+                  "on the source, 0 when cached)",
+    "bwd_passes": "backward example-passes the attack used at this budget (as fwd_passes)",
     "queries": "model queries (query-based attacks; else forward passes)",
-    "seconds": "wall time of the attack",
+    "seconds": "wall time of the attack at this budget (incremental, as fwd_passes)",
     "params": "JSON of the attack parameters (steps, restarts, loss, ...)",
     "flags": "JSON list of warnings/diagnostic flags raised by this attack",
 }
@@ -67,7 +70,9 @@ INDICATOR_COLUMNS: dict[str, str] = {
     "run_id": "sweep run id", "trial_id": "Tune trial id", "checkpoint": "checkpoint path",
     "norm": "Linf or L2", "eps": "budget of the PGD run the indicator was measured on",
     "indicator": "name (agn, cos_prev, sign_consistency, dispersion, mean_dir_dispersion, "
-                 "frac_small_grad, frac_nonfinite_grad, entropy_clean, entropy_adv, ...)",
+                 "frac_small_grad (per step), frac_small_grad_clean / _start (random "
+                 "start) / _path (small at every step), frac_nonfinite_grad, "
+                 "entropy_clean, entropy_adv, pgd_success; see aerl_ray.indicators)",
     "step": "PGD step (-1 = aggregate over the trajectory)",
     "value": "value, aggregated over all batches",
 }

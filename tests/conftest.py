@@ -13,7 +13,7 @@ import torch
 
 os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "1")
 os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "0")
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # 2 shared cores: extra threads only contend (PGD 20x slower)
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,379 @@
+"""Robustness evaluation of a checkpoint: attacks x norms x budget grid -> result rows.
+
+:class:`~aerl_ray.evalplan.EvalPlan` (re-exported here) says what to run and is validated
+when built, so bad requests (unknown attack or norm, negative or unsorted budgets, a
+transfer attack without a source) fail before any model is loaded.
+:func:`evaluate_checkpoint` then checks what needs the
+model and data (n larger than the test set, another architecture than expected, a model
+returning probabilities) before the first attack, runs every attack over each budget
+grid in one pass (:func:`~aerl_ray.attacks.base.robustness_curve`), and returns rows in
+the schemas of :mod:`aerl_ray.results` (``EVAL_COLUMNS``, ``INDICATOR_COLUMNS``).
+
+The sweep's evaluator actors wrap :class:`Evaluator` (no global state; it only holds the
+transfer cache and loaded data/sources).  ``python -m aerl_ray.evaluate CKPT ...`` is a
+thin CLI over the same functions.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from aerl_ray.attacks import (ATTACKS, Norm, Threat, TransferCache, check_images, check_logits,
+                              parse_eps, predict, robustness_curve)
+from aerl_ray.attacks.base import params_json
+from aerl_ray.attacks.transfer import load_source
+from aerl_ray.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+from aerl_ray.evalplan import DEFAULT_GRIDS, EvalPlan, EvalPlanError
+from aerl_ray.results import append_rows, config_hash, wilson_interval
+
+logger = logging.getLogger(__name__)
+
+
+# --- loading --------------------------------------------------------------------------------
+@dataclass
+class Target:
+    """The model under evaluation and what the rows say about it."""
+
+    model: nn.Module
+    label: str
+    model_name: str = ""
+    dataset: str = ""
+    regime: str = ""
+    config_hash: str = ""
+    config: dict = field(default_factory=dict)
+
+
+def load_target(target: "str | os.PathLike | dict | nn.Module", expected_model: str = ""
+                ) -> Target:
+    """A checkpoint path / dict (rebuilt in eval mode) or a model object."""
+    if isinstance(target, nn.Module):
+        return Target(target.eval(), label="<in-memory model>")
+    label = str(target) if not isinstance(target, dict) else "<checkpoint dict>"
+    ckpt = target if isinstance(target, dict) else load_checkpoint(target)
+    model, info = model_from_checkpoint(ckpt, expected_model or None)
+    cfg = dict(ckpt.get("config", {}))
+    return Target(model, label, cfg.get("model", ""), cfg.get("dataset", info.name),
+                  str(cfg.get("regime", "")), config_hash(cfg), cfg)
+
+
+def load_test_data(config: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The test split of the dataset a checkpoint was trained on."""
+    from aerl_ray.config import DataConfig
+    from aerl_ray.data import load_splits
+
+    keys = ("dataset", "cache_dir", "image_size", "hf_dataset_id")
+    splits = load_splits(DataConfig(**{k: config[k] for k in keys if k in config}))
+    return splits.x_test, splits.y_test
+
+
+def _resolve_device(device: str | torch.device | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+# --- the evaluation -------------------------------------------------------------------------
+def evaluate_checkpoint(target: "str | os.PathLike | dict | nn.Module", plan: EvalPlan, *,
+                        data: tuple[torch.Tensor, torch.Tensor] | None = None,
+                        run_id: str = "", trial_id: str = "",
+                        cache: TransferCache | None = None,
+                        source: "nn.Module | str | None" = None,
+                        device: str | torch.device | None = "cpu",
+                        landscape_dir: str | os.PathLike | None = None,
+                        label: str | None = None, source_label: str | None = None,
+                        ) -> tuple[list[dict], list[dict]]:
+    """Evaluate one checkpoint; returns (eval_rows, indicator_rows).
+
+    Args:
+        target: checkpoint path, loaded checkpoint dict, or a model (then ``data`` is
+            required).
+        plan: the :class:`EvalPlan`.
+        data: (x_test, y_test) to use instead of loading the checkpoint's dataset.
+        run_id, trial_id: identifiers copied into every row.
+        cache: transfer cache shared across calls (see :class:`Evaluator`).
+        source: a transfer source model overriding ``plan.transfer_source``.
+        device: where to run (``auto`` picks CUDA when available).
+        landscape_dir: if given, write a 1-D loss-landscape slice (JSON + PNG) per norm.
+        label: the ``checkpoint`` value of the rows (default: the path).
+        source_label: names the transfer source in the attack column (default: derived
+            from ``plan.transfer_source``).
+
+    Raises:
+        EvalPlanError, CheckpointError, AttackInputError: before any attack runs.
+    """
+    dev = _resolve_device(device)
+    tgt = load_target(target, plan.model)
+    if label is not None:
+        tgt.label = label
+    if isinstance(target, nn.Module) and data is None:
+        raise EvalPlanError("evaluating a model object needs data=(x_test, y_test)")
+    x_all, y_all = data if data is not None else load_test_data(tgt.config)
+    check_images(x_all, y_all)
+    n = plan.n or len(x_all)
+    if n > len(x_all):
+        raise EvalPlanError(f"n={plan.n} is larger than the test set ({len(x_all)} images of "
+                            f"{tgt.dataset or 'the data'}); use n <= {len(x_all)} or 0 = all")
+    model = tgt.model.to(dev)
+    x, y = x_all[:n].to(dev), y_all[:n].to(dev)
+    check_logits(model, x)
+    src = None
+    if "transfer" in plan.attacks:
+        src_given = source if source is not None else (plan.params_for("transfer").get("source")
+                                                       or plan.transfer_source)
+        try:
+            src, _ = load_source(src_given)
+        except CheckpointError as e:
+            raise EvalPlanError(f"transfer source: {e}") from e
+        src = src.to(dev)
+        check_logits(src, x, num_classes=int(model(x[:1]).shape[1]))
+    cache = cache if cache is not None else TransferCache()
+    src_label = source_label or _source_label(source, plan)
+    clean_ok = (predict(model, x, plan.batch_size) == y).cpu()
+    ids = torch.arange(n)
+    base = {"run_id": run_id, "trial_id": trial_id, "checkpoint": tgt.label,
+            "model": tgt.model_name, "dataset": tgt.dataset, "regime": tgt.regime,
+            "config_hash": tgt.config_hash, "seed": plan.seed}
+    eval_rows: list[dict] = []
+    ind_rows: list[dict] = []
+    for norm, grid in plan.grids:
+        for name in plan.attacks:
+            params = plan.params_for(name)
+            m = n
+            if name == "autoattack" and plan.autoattack_n:
+                m = plan.autoattack_n
+            attack_label = name
+            if name == "transfer":
+                params["source"], params["cache"] = src, cache
+                attack_label = f"transfer:{src_label}"
+            logger.info("evaluating %s: %s %s on %d images", tgt.label, attack_label, norm, m)
+            results = robustness_curve(name, model, x[:m], y[:m], norm, grid,
+                                       example_ids=ids[:m], **params)
+            shown = {k: v for k, v in params.items() if k not in ("cache",)}
+            if name == "transfer":
+                shown["source"] = src_label
+            clean_acc = int(clean_ok[:m].sum()) / m
+            for eps_str, r in zip(grid, results):
+                k = int((~r.success).sum())
+                lo, hi = wilson_interval(k, m)
+                eval_rows.append({**base, "attack": attack_label, "norm": norm,
+                                  "eps": parse_eps(eps_str), "eps_str": eps_str, "n": m,
+                                  "clean_acc": clean_acc, "robust_acc": k / m, "ci_low": lo,
+                                  "ci_high": hi, "fwd_passes": int(r.fwd_passes),
+                                  "bwd_passes": int(r.bwd_passes), "queries": int(r.queries),
+                                  "seconds": float(r.seconds),
+                                  "params": params_json({**shown, "multi_budget": True}),
+                                  "flags": json.dumps(r.flags)})
+        if plan.indicators or landscape_dir:
+            ind_rows += _indicators(model, x, y, norm, plan, base, landscape_dir)
+    return eval_rows, ind_rows
+
+
+def _source_label(source: Any, plan: EvalPlan) -> str:
+    if isinstance(source, nn.Module) or not (source or plan.transfer_source):
+        return "model"
+    p = Path(str(source or plan.transfer_source))
+    return f"{p.parent.name}/{p.stem}" if p.parent.name else p.stem
+
+
+def _indicators(model: nn.Module, x: torch.Tensor, y: torch.Tensor, norm: str, plan: EvalPlan,
+                base: dict, landscape_dir: str | os.PathLike | None) -> list[dict]:
+    from aerl_ray.indicators import (adversarial_landscape, measure_indicators,
+                                     save_landscape_png)
+
+    eps = plan.indicator_budget(norm)
+    if eps is None:
+        return []
+    t0 = time.perf_counter()
+    rep = measure_indicators(model, x, y, Threat(norm, eps), steps=plan.indicator_steps,
+                             seed=plan.seed, batch_size=plan.batch_size)
+    logger.info("indicators %s eps=%s in %.1f s", norm, eps, time.perf_counter() - t0)
+    keep = ("run_id", "trial_id", "checkpoint")
+    rows = [{**{k: base[k] for k in keep}, **r} for r in rep.rows()] if plan.indicators else []
+    if landscape_dir:
+        k = min(len(x), 64)
+        data = adversarial_landscape(model, x[:k], y[:k], rep.x_adv[:k])
+        out = Path(landscape_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        stem = f"landscape_{norm}_{str(eps).replace('/', '_')}"
+        (out / f"{stem}.json").write_text(json.dumps(data))
+        save_landscape_png(data, out / f"{stem}.png", title=f"{norm} eps={eps}")
+    return rows
+
+
+class Evaluator:
+    """Evaluates checkpoints; a Ray actor can wrap it as is.
+
+    Holds state worth keeping between checkpoints and nothing global: the transfer cache
+    (crafted sets are shared by every target with the same source), test data per
+    dataset and loaded transfer sources.
+    """
+
+    def __init__(self, cache_dir: str | os.PathLike | None = None, device: str = "cpu"):
+        self.cache = TransferCache(cache_dir)
+        self.device = device
+        self._data: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._sources: dict[str, nn.Module] = {}
+
+    def evaluate(self, target: "str | os.PathLike | dict", plan: EvalPlan, *,
+                 run_id: str = "", trial_id: str = "") -> tuple[list[dict], list[dict]]:
+        ckpt = target if isinstance(target, dict) else load_checkpoint(target)
+        cfg = ckpt.get("config", {})
+        key = tuple(sorted((k, str(cfg.get(k))) for k in ("dataset", "cache_dir", "image_size")))
+        if key not in self._data:
+            self._data[key] = load_test_data(cfg)
+        source = None
+        if "transfer" in plan.attacks and plan.transfer_source:
+            if plan.transfer_source not in self._sources:
+                self._sources[plan.transfer_source] = load_source(plan.transfer_source)[0]
+            source = self._sources[plan.transfer_source]
+        return evaluate_checkpoint(
+            ckpt, plan, data=self._data[key], run_id=run_id, trial_id=trial_id,
+            cache=self.cache, source=source, device=self.device,
+            label=None if isinstance(target, dict) else str(target),
+            source_label=_source_label(None, plan) if source is not None else None)
+
+
+# --- CLI ------------------------------------------------------------------------------------
+def format_table(rows: Sequence[dict]) -> str:
+    """attack x eps -> robust accuracy [95% interval], one block per norm."""
+    lines = []
+    for norm in dict.fromkeys(r["norm"] for r in rows):
+        rs = [r for r in rows if r["norm"] == norm]
+        eps_cols = list(dict.fromkeys(r["eps_str"] for r in rs))
+        attacks = list(dict.fromkeys(r["attack"] for r in rs))
+        width = 22
+        lines.append(f"{norm}  (n={rs[0]['n']}, clean acc {rs[0]['clean_acc']:.3f})")
+        lines.append(f"{'attack':<24}" + "".join(f"{'eps=' + e:>{width}}" for e in eps_cols))
+        for a in attacks:
+            cells = []
+            for e in eps_cols:
+                r = next((r for r in rs if r["attack"] == a and r["eps_str"] == e), None)
+                cells.append(f"{r['robust_acc']:.3f} [{r['ci_low']:.3f},{r['ci_high']:.3f}]"
+                             if r else "-")
+            lines.append(f"{a:<24}" + "".join(f"{c:>{width}}" for c in cells))
+        flags = sorted({f for r in rs for f in json.loads(r["flags"])})
+        lines += [f"  flag: {f}" for f in flags]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m aerl_ray.evaluate",
+        description="Robust accuracy of a checkpoint for attacks x norms x budgets; prints a "
+                    "table and writes OUT/evals.parquet and OUT/indicators.parquet.")
+    p.add_argument("checkpoint", help="checkpoint written by aerl_ray.train (e.g. RUN/best.pt)")
+    p.add_argument("--attacks", default="pgd",
+                   help=f"comma list of: {', '.join(ATTACKS.names())} (default pgd)")
+    p.add_argument("--norm", default="linf", help="comma list of norms: linf, l2")
+    p.add_argument("--eps", action="append", default=None,
+                   help="sorted budget grid, e.g. 0,1/255,8/255; with several norms give "
+                        "it per norm: --eps linf:0,8/255 --eps l2:0,0.5 (default: "
+                        "linf 0..16/255, l2 0..2.0)")
+    p.add_argument("--n", type=int, default=1000, help="first n test images (0 = all)")
+    p.add_argument("--batch-size", type=int, default=500)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=None, help="PGD steps (default 50)")
+    p.add_argument("--restarts", type=int, default=None, help="PGD restarts (default 1)")
+    p.add_argument("--loss", default=None, help="PGD loss: ce, margin or dlr (default ce)")
+    p.add_argument("--square-queries", type=int, default=None, help="Square query budget")
+    p.add_argument("--aa-version", default="standard", help="standard, plus, rand or custom")
+    p.add_argument("--aa-attacks", default="",
+                   help="AutoAttack sub-attacks (implies custom), e.g. apgd-ce,apgd-t")
+    p.add_argument("--aa-n", type=int, default=0, help="AutoAttack on the first N images only")
+    p.add_argument("--transfer-source", default="",
+                   help="checkpoint the transfer attack crafts on (e.g. an SL run's best.pt)")
+    p.add_argument("--param", action="append", default=[], metavar="ATTACK.KEY=VALUE",
+                   help="any attack parameter, e.g. pgd.step_size=0.1 (repeatable)")
+    p.add_argument("--model", default="", help="expected architecture (error if different)")
+    p.add_argument("--no-indicators", action="store_true")
+    p.add_argument("--indicator-steps", type=int, default=20)
+    p.add_argument("--landscape", action="store_true",
+                   help="write 1-D loss-landscape slices (JSON + PNG) under --out")
+    p.add_argument("--out", default="", help="output dir for evals.parquet/indicators.parquet")
+    p.add_argument("--device", default="cpu", help="cpu, cuda[:N] or auto")
+    p.add_argument("--run-id", default="")
+    p.add_argument("--trial-id", default="")
+    return p
+
+
+def plan_from_args(args: argparse.Namespace) -> EvalPlan:
+    norms = [s.strip() for s in args.norm.split(",") if s.strip()]
+    grids: dict[str, list[str]] = {}
+    for spec in args.eps or []:
+        if ":" in spec:
+            nrm, vals = spec.split(":", 1)
+        elif len(norms) == 1:
+            nrm, vals = norms[0], spec
+        else:
+            raise EvalPlanError("with several norms write --eps NORM:GRID for each")
+        grids[nrm.strip()] = [v.strip() for v in vals.split(",") if v.strip()]
+    for nrm in norms:
+        key = next((k for k in grids if Norm.parse(k) == Norm.parse(nrm)), None)
+        if key is None:
+            grids[nrm] = list(DEFAULT_GRIDS["linf" if Norm.parse(nrm) is Norm.LINF else "l2"])
+    extra = [k for k in grids if all(Norm.parse(k) != Norm.parse(n) for n in norms)]
+    if extra:
+        raise EvalPlanError(f"--eps given for {extra}, which is not in --norm {args.norm}")
+    attacks = [a.strip() for a in args.attacks.split(",") if a.strip()]
+    params: dict[str, dict[str, Any]] = {}
+    for a, key, val in (("pgd", "steps", args.steps), ("pgd", "restarts", args.restarts),
+                        ("pgd", "loss", args.loss), ("square", "n_queries",
+                                                     args.square_queries)):
+        if val is not None and a in attacks:
+            params.setdefault(a, {})[key] = val
+    for item in args.param:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise EvalPlanError(f"--param {item!r}: write ATTACK.KEY=VALUE")
+        lhs, val = item.split("=", 1)
+        a, key = lhs.split(".", 1)
+        params.setdefault(a, {})[key] = _parse_value(val)
+    return EvalPlan(attacks=tuple(attacks), grids=grids, n=args.n, batch_size=args.batch_size,
+                    seed=args.seed, attack_params=params, autoattack_version=args.aa_version,
+                    autoattack_attacks=tuple(a.strip() for a in args.aa_attacks.split(",")
+                                             if a.strip()),
+                    autoattack_n=args.aa_n, transfer_source=args.transfer_source,
+                    model=args.model, indicators=not args.no_indicators,
+                    indicator_steps=args.indicator_steps)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        plan = plan_from_args(args)
+        rows, ind = evaluate_checkpoint(
+            args.checkpoint, plan, run_id=args.run_id, trial_id=args.trial_id,
+            device=args.device, landscape_dir=args.out if args.landscape and args.out else None)
+    except (EvalPlanError, CheckpointError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(format_table(rows))
+    if args.out:
+        out = Path(args.out)
+        append_rows(out / "evals.parquet", rows)
+        append_rows(out / "indicators.parquet", ind)
+        print(f"wrote {len(rows)} rows to {out / 'evals.parquet'} and {len(ind)} to "
+              f"{out / 'indicators.parquet'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

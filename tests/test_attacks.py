@@ -1,0 +1,241 @@
+"""Attack invariants (parametrised over the ATTACKS registry), differential tests against
+cleverhans and AutoAttack, the many-budget pass and bad-input errors."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from aerl_ray.attacks import (ATTACKS, AttackInputError, Norm, Threat, TransferCache,
+                              parse_eps, parse_eps_grid, pgd_curve, predict,
+                              robustness_curve, run_attack)
+from aerl_ray.registry import UnknownNameError
+from tests.attack_fixtures import *  # noqa: F401,F403  (fixtures)
+
+GRIDS = {"linf": [0.0, 0.05, 0.15, 0.3], "l2": [0.0, 0.5, 2.0]}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small models run fastest single-threaded (and 2 threads thrash on a busy box)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def cheap_params(name: str, source: nn.Module) -> dict:
+    spec = ATTACKS.get(name)
+    params = dict(spec.fast_params)
+    if "source" in spec.requires:
+        params["source"] = source
+    return params
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+@pytest.mark.parametrize("name", ATTACKS.names())
+def test_attack_invariants(name, norm, sl_model, sl_model_b, digits):
+    x, y = digits.x_test[:24], digits.y_test[:24]
+    clean_acc = float((predict(sl_model, x) == y).float().mean())
+    accs = []
+    for eps in GRIDS[norm]:
+        threat = Threat(norm, eps)
+        r = run_attack(name, sl_model, x, y, threat, **cheap_params(name, sl_model_b))
+        assert r.x_adv.shape == x.shape
+        assert float(r.x_adv.min()) >= 0.0 and float(r.x_adv.max()) <= 1.0
+        assert float(threat.size(r.x_adv - x).max()) <= eps + 1e-6
+        assert torch.equal(r.success, predict(sl_model, r.x_adv) != y)
+        accs.append(r.robust_acc)
+    assert accs[0] == pytest.approx(clean_acc)
+    assert all(b <= a + 1e-9 for a, b in zip(accs, accs[1:])), accs
+    assert accs[-1] < clean_acc  # the largest budget does something
+
+
+@pytest.mark.parametrize("name", ATTACKS.names())
+def test_curve_is_monotone_and_keeps_eval_mode(name, sl_model, sl_model_b, digits):
+    x, y = digits.x_test[24:40], digits.y_test[24:40]
+    sl_model.train()
+    try:
+        res = robustness_curve(name, sl_model, x, y, "linf", [0, 0.1, 0.2],
+                               **cheap_params(name, sl_model_b))
+        assert sl_model.training  # mode restored
+    finally:
+        sl_model.eval()
+    accs = [r.robust_acc for r in res]
+    assert accs == sorted(accs, reverse=True)
+    for eps, r in zip([0, 0.1, 0.2], res):  # carried-over points are valid at the budget
+        assert Threat("linf", eps).contains(r.x_adv, x)
+        assert torch.equal(r.success, predict(sl_model, r.x_adv) != y)
+
+
+def test_pgd_curve_equals_separate_runs(sl_model, digits):
+    x, y = digits.x_test[:96], digits.y_test[:96]
+    grid = [0, 2 / 255, 8 / 255, 0.08, 0.12, 0.2]
+    params = dict(steps=10, restarts=2, seed=3, batch_size=32)
+    curve = pgd_curve(sl_model, x, y, "linf", grid, **params)
+    separate = [run_attack("pgd", sl_model, x, y, Threat("linf", e), **params) for e in grid]
+    broken = torch.zeros(len(x), dtype=torch.bool)
+    for c, s in zip(curve, separate):
+        broken |= s.success  # per-example running minimum of the separate runs
+        assert torch.equal(c.success, broken)
+    assert [c.robust_acc for c in curve] == [s.robust_acc for s in separate]
+    assert sum(c.bwd_passes for c in curve) < sum(s.bwd_passes for s in separate)
+
+
+def test_pgd_random_start_follows_the_example(digits):
+    x = digits.x_test[:6]
+    t = Threat("linf", 0.1)
+    full = t.random_start(x, torch.arange(6), restart=0, seed=1)
+    sub = t.random_start(x[[4, 1]], torch.tensor([4, 1]), restart=0, seed=1)
+    assert torch.equal(sub, full[[4, 1]])
+    assert not torch.equal(full, t.random_start(x, torch.arange(6), restart=1, seed=1))
+
+
+def test_pgd_best_point_counts_any_fooling_iterate(sl_model, digits):
+    x, y = digits.x_test[:64], digits.y_test[:64]
+    kw = dict(steps=15, step_size=0.5, seed=0)  # big steps overshoot: last != best
+    es = run_attack("pgd", sl_model, x, y, Threat("linf", 0.12), early_stop=True, **kw)
+    full = run_attack("pgd", sl_model, x, y, Threat("linf", 0.12), early_stop=False, **kw)
+    assert torch.equal(es.success, full.success)
+    assert es.bwd_passes < full.bwd_passes
+
+
+@pytest.mark.parametrize("norm,eps", [("linf", 0.1), ("l2", 0.75)])
+def test_pgd_at_least_as_strong_as_cleverhans(norm, eps, sl_model, digits):
+    from cleverhans.torch.attacks.projected_gradient_descent import \
+        projected_gradient_descent
+
+    x, y = digits.x_test[:120], digits.y_test[:120]
+    steps, rel = 20, 2.5 / 20
+    ours = run_attack("pgd", sl_model, x, y, Threat(norm, eps), steps=steps, step_size=rel)
+    torch.manual_seed(0)
+    x_ch = projected_gradient_descent(sl_model, x, eps, rel * eps, steps,
+                                      np.inf if norm == "linf" else 2, clip_min=0.0,
+                                      clip_max=1.0, y=y, rand_init=True, sanity_checks=False)
+    ch_acc = float((predict(sl_model, x_ch) == y).float().mean())
+    assert ours.robust_acc <= ch_acc + 0.02, (ours.robust_acc, ch_acc)
+
+
+def test_autoattack_at_least_as_strong_as_pgd(sl_model, digits):
+    x, y = digits.x_test[:48], digits.y_test[:48]
+    t = Threat("linf", 0.1)
+    ours = run_attack("pgd", sl_model, x, y, t, steps=20)
+    aa = run_attack("autoattack", sl_model, x, y, t, version="custom",
+                    attacks=["apgd-ce", "apgd-t"], n_iter=25, n_target_classes=3)
+    assert aa.robust_acc <= ours.robust_acc + 0.02, (aa.robust_acc, ours.robust_acc)
+
+
+@pytest.mark.parametrize("loss", ["ce", "margin", "dlr"])
+def test_sl_model_falls_at_large_budget(loss, sl_model, digits):
+    x, y = digits.x_test[:64], digits.y_test[:64]
+    r = run_attack("pgd", sl_model, x, y, Threat("linf", 0.3), steps=20, loss=loss)
+    assert r.robust_acc <= 0.05
+
+
+def test_l2_step_does_not_shrink_for_tiny_gradients():
+    """||g|| = 8e-9: our step keeps full length; cleverhans' 1e-12-floored squared norm
+    (the paper's PGD) shrinks it ~100x."""
+    from cleverhans.torch.utils import optimize_linear
+
+    g = torch.full((2, 1, 8, 8), 1e-9)
+    g[1] *= 3
+    ours = Threat("l2", 1.0).direction(g).flatten(1).norm(dim=1)
+    assert torch.allclose(ours, torch.ones(2), atol=1e-3)
+    theirs = optimize_linear(g, 1.0, norm=2).flatten(1).norm(dim=1)
+    assert float(theirs.max()) < 0.05
+
+
+def test_transfer_cache_reuses_crafted_points(sl_model, sl_model_b, digits, tmp_path):
+    x, y = digits.x_test[:16], digits.y_test[:16]
+    cache = TransferCache(tmp_path)
+    t = Threat("linf", 0.1)
+    a = run_attack("transfer", sl_model, x, y, t, source=sl_model_b, steps=5, cache=cache)
+    b = run_attack("transfer", sl_model, x, y, t, source=sl_model_b, steps=5, cache=cache)
+    assert not a.extra["cached"] and b.extra["cached"]
+    assert b.extra["source_bwd_passes"] == 0 < a.extra["source_bwd_passes"]
+    assert torch.equal(a.x_adv, b.x_adv)
+    fresh = TransferCache(tmp_path)  # the disk copy survives a new cache object
+    c = run_attack("transfer", sl_model, x, y, t, source=sl_model_b, steps=5, cache=fresh)
+    assert c.extra["cached"] and torch.equal(a.x_adv, c.x_adv)
+    d = run_attack("transfer", sl_model, x, y, t.with_eps(0.2), source=sl_model_b, steps=5,
+                   cache=cache)
+    assert not d.extra["cached"]
+
+
+def test_square_counts_queries(sl_model, digits):
+    x, y = digits.x_test[:8], digits.y_test[:8]
+    r = run_attack("square", sl_model, x, y, Threat("linf", 0.1), n_queries=20,
+                   resc_schedule=True)
+    assert 8 <= r.queries <= 8 * 22 + 16 and r.bwd_passes == 0
+
+
+class NoisyLogits(nn.Module):
+    """A randomised model: AutoAttack's check_randomized must flag it."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return self.net(x) + 0.1 * torch.randn(len(x), 10)
+
+
+def test_autoattack_check_warnings_become_flags(sl_model, batch8):
+    x, y = batch8
+    r = run_attack("autoattack", NoisyLogits(sl_model), x, y, Threat("linf", 0.05),
+                   version="custom", attacks=["apgd-ce"], n_iter=3)
+    assert any("randomized" in f for f in r.flags), r.flags
+
+
+# --- bad input ------------------------------------------------------------------------------
+class Probabilities(nn.Module):
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return self.net(x).softmax(1)
+
+
+def test_parse_eps():
+    assert parse_eps("8/255") == pytest.approx(8 / 255)
+    assert parse_eps(" 0.5 ") == 0.5 and parse_eps(1) == 1.0 and parse_eps("1e-2") == 0.01
+    for bad in ("-1/255", -0.1, "abc", "1/0", "nan", float("inf")):
+        with pytest.raises(ValueError):
+            parse_eps(bad)
+
+
+def test_norm_aliases_and_unknown():
+    assert Norm.parse("linf") is Norm.parse("Linf") is Norm.LINF
+    assert Norm.parse("L2") is Norm.parse("l2") is Norm.L2
+    with pytest.raises(ValueError, match="known norms"):
+        Norm.parse("l1")
+    with pytest.raises(ValueError, match="known norms"):
+        Threat("lp", 0.1)
+
+
+def test_bad_inputs_fail_before_work(sl_model, tiny_model, batch8):
+    x, y = batch8
+    with pytest.raises(UnknownNameError, match="known attacks: .*pgd"):
+        run_attack("pgdx", sl_model, x, y, Threat("linf", 0.1))
+    with pytest.raises(ValueError, match=">= 0"):
+        Threat("linf", -0.1)
+    with pytest.raises(ValueError, match="sorted"):
+        parse_eps_grid([0, 8 / 255, 4 / 255])
+    with pytest.raises(ValueError, match="sorted"):
+        pgd_curve(sl_model, x, y, "linf", ["0", "8/255", "4/255"])
+    with pytest.raises(AttackInputError, match="probabilities"):
+        run_attack("pgd", Probabilities(tiny_model), x, y, Threat("linf", 0.1))
+    with pytest.raises(AttackInputError, match=r"\[0, 1\]"):
+        run_attack("pgd", sl_model, x * 255, y, Threat("linf", 0.1))
+    with pytest.raises(AttackInputError, match="no parameter"):
+        run_attack("pgd", sl_model, x, y, Threat("linf", 0.1), stepz=3)
+    with pytest.raises(AttackInputError, match="needs"):
+        run_attack("transfer", sl_model, x, y, Threat("linf", 0.1))
+    with pytest.raises(ValueError, match="steps"):
+        run_attack("pgd", sl_model, x, y, Threat("linf", 0.1), steps=0)
+    with pytest.raises(UnknownNameError, match="known attack losss: ce, dlr, margin"):
+        run_attack("pgd", sl_model, x, y, Threat("linf", 0.1), loss="hinge")
+    with pytest.raises(ValueError, match="custom"):
+        run_attack("autoattack", sl_model, x, y, Threat("linf", 0.1), attacks=["apgd-ce"])
