@@ -20,6 +20,7 @@ import logging
 import os
 import pickle
 import platform
+import re
 import subprocess
 import tempfile
 from pathlib import Path
@@ -107,7 +108,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, TypeError,
             AttributeError) as e:
         raise CheckpointError(
-            f"could not load {path} safely ({type(e).__name__}: {str(e)[:200]}); the file is "
+            f"could not load {path} safely ({type(e).__name__}: {_load_reason(e)}); the file is "
             "truncated, corrupted or contains code/objects other than tensors and plain "
             "values, and will not be unpickled. Re-create it with aerl_ray.train.") from e
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
@@ -115,6 +116,16 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
                               f"{ckpt.get('format') if isinstance(ckpt, dict) else type(ckpt)!r}, "
                               f"expected {FORMAT!r})")
     return ckpt
+
+
+def _load_reason(err: Exception) -> str:
+    """The gist of a torch.load error (its weights-only verdict, else its first sentence),
+    without torch's advice on loading the file unsafely."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err))
+    m = re.search(r"WeightsUnpickler error: (.+?)(?:\.\s|\n|$)", text)
+    if m:
+        return m.group(1).strip()[:200]
+    return re.split(r"\.\s|\n", text.strip(), maxsplit=1)[0][:200]
 
 
 def model_from_checkpoint(ckpt: dict | str | Path, model_name: str | None = None):

@@ -211,6 +211,9 @@ def _results_callback(run: R.RunDir, run_id: str, spec: SweepSpec):
             elif not all(math.isfinite(row[f"obj_{n}"]) for n in names):
                 row["status"], row["error"] = "PRUNED", "an objective is NaN (not evaluated)"
             R.append_rows(run.trials, [row])
+            if row["status"] == "FAILED":
+                logger.warning("trial %s FAILED: %s", trial.trial_id, row["error"])
+                return
             logger.info("trial %s done: %s", trial.trial_id,
                         {n: round(row[f"obj_{n}"], 4) for n in names})
 
@@ -241,6 +244,8 @@ def pareto_front(df: pd.DataFrame, objectives: list[dict]) -> pd.DataFrame:
     if any(c not in df.columns for c in cols):
         return df.iloc[0:0]
     ok = df[(df["status"] == "COMPLETE")].dropna(subset=cols)
+    if ok.empty:  # e.g. every trial failed
+        return ok
     signs = [1 if o.get("direction", "max") == "max" else -1 for o in objectives]
     vals = ok[cols].to_numpy() * signs
     keep = []
@@ -448,11 +453,13 @@ def run_sweep(space: str | Path | None = None, run_dir: str | Path | None = None
     from aerl_ray.trial import trial_fn
 
     trainable = tune.with_resources(trial_fn, plan_res["trial_resources"])
-    searcher = _searcher_class()(
-        space=spec.define_by_run, metric=[o.name for o in spec.objectives],
-        mode=[o.direction for o in spec.objectives], sampler=make_sampler(spec),
-        points_to_evaluate=[dict(p) for p in spec.points_to_evaluate] or None,
-        study_name=study_name, storage=optuna_rdb)
+    searcher = None  # a resume restores the pickled searcher; building one would enqueue
+    if resume is None:  # points_to_evaluate into the study again (stray WAITING trials)
+        searcher = _searcher_class()(
+            space=spec.define_by_run, metric=[o.name for o in spec.objectives],
+            mode=[o.direction for o in spec.objectives], sampler=make_sampler(spec),
+            points_to_evaluate=[dict(p) for p in spec.points_to_evaluate] or None,
+            study_name=study_name, storage=optuna_rdb)
     scheduler = None
     if spec.scheduler.get("type") == "asha":
         from ray.tune.schedulers import ASHAScheduler

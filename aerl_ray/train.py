@@ -44,7 +44,13 @@ logger = logging.getLogger(__name__)
 
 
 class DivergedError(FloatingPointError):
-    """The training loss became NaN/inf; the trial is stopped with this reason."""
+    """The training loss became NaN/inf; the trial is stopped with this reason.
+
+    ``epoch`` is the epoch it diverged in (= the number of completed epochs)."""
+
+    def __init__(self, message: str, epoch: int = -1):
+        super().__init__(message)
+        self.epoch = epoch
 
 
 @dataclass
@@ -203,7 +209,7 @@ def train_loop(cfg: TrainConfig, out_dir: str | os.PathLike,
             if not math.isfinite(loss_value):
                 raise DivergedError(f"training loss became {loss_value} in epoch {epoch} "
                                     f"(regime {active}, lr={cfg.lr}); lower the learning rate "
-                                    "or enable --grad-clip")
+                                    "or enable --grad-clip", epoch=epoch)
             sums["loss"] += loss_value * len(y)
             sums["correct"] += int((stats["logits"].argmax(1) == y).sum())
             sums["n"] += len(y)
@@ -257,8 +263,10 @@ def _finish(cfg, base, info, splits, out, history, device, chief) -> FitResult:
     base.eval()
     final = dict(history[-1]) if history else {}
     final["test_acc"] = accuracy(base, splits.x_test, splits.y_test, cfg.eval_batch_size, device)
-    if chief:
-        (out / "final.json").write_text(json.dumps(final, indent=1))
+    if chief:  # temp file + rename, like every other result file
+        tmp = out / ".final.json.tmp"
+        tmp.write_text(json.dumps(final, indent=1))
+        os.replace(tmp, out / "final.json")
     return FitResult(base, info, final, history, best_path if best_path.exists() else None,
                      last_path if last_path.exists() else None)
 

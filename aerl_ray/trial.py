@@ -26,11 +26,12 @@ import ray
 
 from aerl_ray.checkpoint import load_checkpoint
 from aerl_ray.config import TrainConfig
-from aerl_ray.train import WorkerContext, resolve_device, train_loop
+from aerl_ray.train import DivergedError, WorkerContext, resolve_device, train_loop
 
 logger = logging.getLogger(__name__)
 
 FINAL_KEY = "aerl_final"  # set (=1) only in a trial's final, evaluated report
+ERROR_KEY = "aerl_error"  # the reason, in the final report of a trial that diverged
 
 
 def epoch_metrics(m: dict, objective_names: list[str]) -> dict:
@@ -82,9 +83,22 @@ def worker_fn(config: dict) -> None:
             shutil.rmtree(snap, ignore_errors=True)
 
     device = ray.train.torch.get_device()
-    train_loop(cfg, out, WorkerContext(rank=rank, world_size=world, device=device,
-                                       wrap_model=ray.train.torch.prepare_model,
-                                       on_epoch=on_epoch, resume=resume))
+    try:
+        train_loop(cfg, out, WorkerContext(rank=rank, world_size=world, device=device,
+                                           wrap_model=ray.train.torch.prepare_model,
+                                           on_epoch=on_epoch, resume=resume))
+    except DivergedError as e:  # not a worker failure: Ray Train must not retry it
+        # Result.metrics of trainer.fit() are those of the latest *checkpointed* report,
+        # so rank 0 attaches a marker checkpoint to this one
+        extra = {config["scheduler_metric"]: None} if config.get("scheduler_metric") else {}
+        snap = Path(tempfile.mkdtemp(prefix="aerl-ckpt-")) if rank == 0 else None
+        if snap:
+            (snap / "diverged.json").write_text(json.dumps({"reason": str(e), "epoch": e.epoch}))
+        ray.train.report({**epoch_metrics(extra, names), ERROR_KEY: str(e),
+                          "diverged_epoch": e.epoch},
+                         checkpoint=ray.train.Checkpoint.from_directory(str(snap)) if snap else None)
+        if snap:
+            shutil.rmtree(snap, ignore_errors=True)
 
 
 def _train_in_process(cfg: TrainConfig, names: list[str]) -> dict:
@@ -98,10 +112,12 @@ def _train_in_process(cfg: TrainConfig, names: list[str]) -> dict:
         tune.report(epoch_metrics(m, names), checkpoint=tune.Checkpoint.from_directory(str(snap)))
         shutil.rmtree(snap, ignore_errors=True)
 
-    res = train_loop(cfg, out, WorkerContext(device=resolve_device(cfg.device), on_epoch=on_epoch,
-                                             resume=resume))
-    best = load_checkpoint(out / "best.pt")
-    shutil.rmtree(out, ignore_errors=True)
+    try:
+        res = train_loop(cfg, out, WorkerContext(device=resolve_device(cfg.device),
+                                                 on_epoch=on_epoch, resume=resume))
+        best = load_checkpoint(out / "best.pt")
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
     return {"best": best, "history": res.history}
 
 
@@ -118,7 +134,8 @@ def _train_with_torchtrainer(cfg: TrainConfig, names: list[str], meta: dict, tri
         per_worker["GPU"] = float(res.get("gpus_per_worker", 1))
     trainer = TorchTrainer(
         worker_fn,
-        train_loop_config={"train": cfg.to_flat(), "objective_names": names},
+        train_loop_config={"train": cfg.to_flat(), "objective_names": names,
+                           "scheduler_metric": meta.get("scheduler_metric")},
         scaling_config=ray.train.ScalingConfig(num_workers=int(res.get("workers", 1)),
                                                use_gpu=use_gpu, resources_per_worker=per_worker),
         run_config=ray.train.RunConfig(
@@ -128,6 +145,8 @@ def _train_with_torchtrainer(cfg: TrainConfig, names: list[str], meta: dict, tri
             failure_config=ray.train.FailureConfig(max_failures=int(meta.get("max_failures", 2))),
             callbacks=[TuneReportCallback()]))
     result = trainer.fit()
+    if (result.metrics or {}).get(ERROR_KEY):
+        raise DivergedError(result.metrics[ERROR_KEY], int(result.metrics["diverged_epoch"]))
     if result.checkpoint is None:
         raise RuntimeError(f"trial {trial_id}: Ray Train returned no checkpoint")
     with result.checkpoint.as_directory() as d:
@@ -151,10 +170,16 @@ def trial_fn(config: dict) -> None:
     cfg = TrainConfig.from_flat(flat)
     names = [o["name"] for o in meta["objectives"]]
     t_start = t0 = time.perf_counter()
-    if meta["mode"] == "in_process":
-        trained = _train_in_process(cfg, names)
-    else:
-        trained = _train_with_torchtrainer(cfg, names, meta, trial_id)
+    try:
+        if meta["mode"] == "in_process":
+            trained = _train_in_process(cfg, names)
+        else:
+            trained = _train_with_torchtrainer(cfg, names, meta, trial_id)
+    except DivergedError as e:  # final, not retried: the same config diverges again
+        logger.warning("trial %s diverged: %s", trial_id, e)
+        tune.report(diverged_report(str(e), e.epoch, meta, cfg, params, seed,
+                                    time.perf_counter() - t_start))
+        return
     train_seconds = time.perf_counter() - t0
     best, history = trained["best"], trained["history"]
 
@@ -173,6 +198,21 @@ def trial_fn(config: dict) -> None:
                                         default=str),
                  trial_seed=seed)
     tune.report(final)
+
+
+def diverged_report(reason: str, epochs: int, meta: dict, cfg: TrainConfig, params: dict,
+                    seed: int, seconds: float) -> dict[str, Any]:
+    """The final report of a diverged trial: NaN objectives and the reason (recorded FAILED
+    by the sweep's results writer and searcher)."""
+    out: dict[str, Any] = {o["name"]: float("nan") for o in meta["objectives"]}
+    if meta.get("scheduler_metric"):  # Tune checks the scheduler's metric in every result
+        out[meta["scheduler_metric"]] = float("nan")
+    out.update({FINAL_KEY: 1, ERROR_KEY: reason, "val_acc": float("nan"),
+                "epochs_run": max(0, epochs), "train_seconds": seconds, "trial_seconds": seconds,
+                "config_json": json.dumps(cfg.to_flat(), sort_keys=True),
+                "params_json": json.dumps(params, sort_keys=True, default=str),
+                "trial_seed": seed, "regime": cfg.regime.regime})
+    return out
 
 
 def objective_value(o: dict, rows: list[dict], clean_acc: float, val_acc: float) -> float:
