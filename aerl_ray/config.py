@@ -154,7 +154,10 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     regime: RegimeConfig = field(default_factory=RegimeConfig)
-    epochs: int = _help("training epochs (the compute budget)", default=10)
+    epochs: int = _help("training epochs (the compute budget; an upper bound with "
+                        "pass_budget)", default=10)
+    pass_budget: int = _help("stop after this many forward+backward example-passes of "
+                             "training (0 = off): compares regimes at equal compute", default=0)
     batch_size: int = _help("per-worker batch size", default=64)
     lr: float = _help("AdamW learning rate", default=1e-3)
     weight_decay: float = _help("AdamW weight decay", default=0.01)
@@ -170,6 +173,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _require(self.epochs >= 1, f"epochs={self.epochs} must be >= 1")
         _require(self.batch_size >= 1, f"batch_size={self.batch_size} must be >= 1")
+        _require(self.pass_budget >= 0, f"pass_budget={self.pass_budget} must be >= 0 (0 = off)")
         _require(math.isfinite(self.lr) and self.lr > 0, f"lr={self.lr} must be > 0")
         _require(self.weight_decay >= 0, f"weight_decay={self.weight_decay} must be >= 0")
         _require(0 <= self.warmup_epochs < self.epochs or self.warmup_epochs == 0,

@@ -153,9 +153,11 @@ def train_loop(cfg: TrainConfig, out_dir: str | os.PathLike,
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     per_rank = len(splits.y_train) // wctx.world_size
     steps_per_epoch = max(1, math.ceil(per_rank / cfg.batch_size))
-    total = cfg.epochs * steps_per_epoch
+    # the schedule's horizon: all epochs, or (pass_budget) the steps the budget affords,
+    # re-estimated from the measured passes per step
+    horizon = {"steps": cfg.epochs * steps_per_epoch}
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(
-        s, total, cfg.warmup_epochs * steps_per_epoch, cfg.final_lr_ratio))
+        s, horizon["steps"], cfg.warmup_epochs * steps_per_epoch, cfg.final_lr_ratio))
 
     start_epoch, best_val, best_epoch, wall0 = 0, -1.0, -1, 0.0
     if wctx.resume is not None:
@@ -190,6 +192,7 @@ def train_loop(cfg: TrainConfig, out_dir: str | os.PathLike,
     writer = _tb_writer(out) if chief else None
     gx, gy = splits.x_val[:256], splits.y_val[:256]
     history: list[dict] = []
+    budget_spent = bool(cfg.pass_budget) and counter.fwd + counter.bwd >= cfg.pass_budget
     t_start = time.perf_counter() - wall0
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.perf_counter()
@@ -201,6 +204,8 @@ def train_loop(cfg: TrainConfig, out_dir: str | os.PathLike,
             cfg.seed * 100003 + epoch))[wctx.rank::wctx.world_size][:per_rank]
         sums = {"loss": 0.0, "correct": 0, "n": 0, "reward": 0.0, "reward_n": 0}
         for i in range(0, per_rank, cfg.batch_size):
+            if budget_spent:  # pass_budget reached: finish this (partial) epoch, then stop
+                break
             idx = perm[i:i + cfg.batch_size]
             x, y = splits.x_train[idx].to(device), splits.y_train[idx].to(device)
             if cfg.data.augment:
@@ -210,6 +215,11 @@ def train_loop(cfg: TrainConfig, out_dir: str | os.PathLike,
                 raise DivergedError(f"training loss became {loss_value} in epoch {epoch} "
                                     f"(regime {active}, lr={cfg.lr}); lower the learning rate "
                                     "or enable --grad-clip", epoch=epoch)
+            if cfg.pass_budget:
+                spent = (counter.fwd + counter.bwd) * wctx.world_size  # all ranks alike
+                horizon["steps"] = min(cfg.epochs * steps_per_epoch, math.ceil(
+                    cfg.pass_budget * sched.last_epoch / max(1, spent)))
+                budget_spent = spent >= cfg.pass_budget
             sums["loss"] += loss_value * len(y)
             sums["correct"] += int((stats["logits"].argmax(1) == y).sum())
             sums["n"] += len(y)
@@ -250,6 +260,10 @@ def train_loop(cfg: TrainConfig, out_dir: str | os.PathLike,
             writer.flush()
         if wctx.on_epoch is not None:
             wctx.on_epoch(m, out)
+        if budget_spent:
+            logger.info("pass budget %d reached after %d passes", cfg.pass_budget,
+                        m["fwd_passes"] + m["bwd_passes"])
+            break
     counter.remove()
     if writer is not None:
         writer.close()

@@ -146,3 +146,19 @@ def test_cli_end_to_end(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "test_acc" in out.stdout
     assert (tmp_path / "best.pt").exists() and (tmp_path / "metrics.jsonl").exists()
+
+
+def test_pass_budget_gives_equal_compute_across_regimes(tmp_path, digits_splits):
+    """SL (1 fwd + 1 bwd per example) and RL-adv (2 + 2) stop at the same pass budget."""
+    n = len(digits_splits.y_train)
+    budget = 6 * n  # 3 SL epochs, 1.5 RL-adv epochs
+    runs = {}
+    for regime in ("sl", "rl_adv"):
+        res = fit(cfg(regime=regime, model="tiny", epochs=10, pass_budget=budget,
+                      final_lr_ratio=0.0), tmp_path / regime, splits=digits_splits)
+        spent = res.metrics["fwd_passes"] + res.metrics["bwd_passes"]
+        assert budget <= spent < budget + 4 * 64 * 2, (regime, spent)
+        runs[regime] = res
+    assert len(runs["sl"].history) == 3 and len(runs["rl_adv"].history) == 2
+    # the lr schedule decays over the budget, not over the 10-epoch upper bound
+    assert runs["sl"].history[-1]["lr"] < 0.1 * 1e-3
