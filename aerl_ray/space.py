@@ -295,6 +295,25 @@ def parse_space(raw: Mapping[str, Any], source: str = "<space>") -> SweepSpec:
     return spec
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that rejects a key given twice in one mapping (YAML keeps the last one
+    silently, which hides half of a config)."""
+
+
+def _no_duplicates(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False):
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"key {key!r} is given twice", key_node.start_mark)
+        seen.add(key)
+    return loader.construct_mapping(node, deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _no_duplicates)
+
+
 def load_space(path: str | Path, smoke: bool = False,
                overrides: Mapping[str, Any] | None = None) -> SweepSpec:
     """Read and validate a space file; ``smoke`` applies its ``smoke:`` overrides, then
@@ -303,7 +322,7 @@ def load_space(path: str | Path, smoke: bool = False,
     if not path.is_file():
         raise SpaceError(f"search space {path} does not exist; see search_spaces/ for examples")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(path.read_text(), Loader=_StrictLoader)  # noqa: S506 (safe subclass)
     except yaml.YAMLError as e:
         raise SpaceError(f"{path}: invalid YAML: {e}") from None
     if smoke and isinstance(raw, Mapping) and raw.get("smoke"):

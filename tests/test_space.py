@@ -66,6 +66,9 @@ def test_invalid_yaml_and_missing_file(tmp_path):
     p.write_text("parameters: [unclosed\n")
     with pytest.raises(SpaceError, match="invalid YAML"):
         load_space(p)
+    p.write_text("name: a\nfixed: {epochs: 3}\nfixed: {model: tiny}\n")
+    with pytest.raises(SpaceError, match="key 'fixed' is given twice"):
+        load_space(p)
     with pytest.raises(SpaceError, match="does not exist"):
         load_space(tmp_path / "none.yaml")
 
