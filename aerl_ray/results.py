@@ -30,6 +30,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+import numpy as np
 import pandas as pd
 
 logger = logging.getLogger(__name__)
@@ -119,6 +120,21 @@ def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     centre = (p + z * z / (2 * n)) / den
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
     return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def pareto_mask(points) -> np.ndarray:
+    """Boolean mask of the non-dominated rows of an (n, k) array, every column maximised.
+
+    Rows with a NaN/inf value are never on the front; identical points are all kept."""
+    p = np.asarray(points, dtype=float)
+    p = p.reshape(len(p), -1) if p.size else p.reshape(0, 1)
+    finite = np.isfinite(p).all(axis=1)
+    mask = finite.copy()
+    q = p[finite]
+    for j, i in enumerate(np.flatnonzero(finite)):
+        if (((q >= q[j]).all(axis=1)) & ((q > q[j]).any(axis=1))).any():
+            mask[i] = False
+    return mask
 
 
 # --- run dir --------------------------------------------------------------------------------

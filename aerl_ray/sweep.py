@@ -16,18 +16,19 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import sys
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
 
 from aerl_ray import results as R
+from aerl_ray.recorder import pareto_front, results_callback
+from aerl_ray.search import (StorageConnectError, close_stale_trials, make_sampler,
+                             open_storage, searcher_class)
 from aerl_ray.space import SpaceError, SweepSpec, load_space, parse_space
 
 logger = logging.getLogger(__name__)
@@ -48,211 +49,6 @@ class SweepResult:
     objectives: list[dict]
     fit_seconds: float = float("nan")  # wall time of Tuner.fit (the trials themselves)
     concurrency: int = 1
-
-
-# ---------------------------------------------------------------------------------------
-# Optuna
-def make_sampler(spec: SweepSpec):
-    import optuna
-
-    s = dict(spec.sampler)
-    kind = s.pop("type")
-    seed = int(s.pop("seed", spec.seed))
-    if kind == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, **s)
-    if kind == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=seed, **s)
-    if kind == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    return optuna.samplers.GridSampler({p.name: p.grid_values() for p in spec.params}, seed=seed)
-
-
-def open_storage(url: str):
-    """An Optuna RDB storage; fails clearly (before any trial) if it does not connect."""
-    import optuna
-
-    try:
-        return optuna.storages.RDBStorage(url)
-    except Exception as e:  # noqa: BLE001 - sqlalchemy/driver errors of many kinds
-        raise SweepError(f"cannot open the Optuna storage {url!r} ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0][:200]}). Check the URL, that the database "
-                         "server is reachable and its driver is installed (postgresql needs "
-                         "psycopg2), or omit --optuna-storage for a SQLite file in the run dir."
-                         ) from e
-
-
-def _searcher_class():
-    import optuna
-    from ray.tune.search.optuna import OptunaSearch
-
-    from aerl_ray.trial import ERROR_KEY
-
-    class ParetoSafeOptunaSearch(OptunaSearch):
-        """OptunaSearch that never records truncated trials as COMPLETE.
-
-        A trial whose last result lacks finite objective values (stopped early by ASHA,
-        or NaN objectives) becomes PRUNED; errors and diverged trials (``ERROR_KEY``)
-        become FAIL.
-        Each study trial is tagged with its Tune trial id (dedupe after a restore)."""
-
-        def suggest(self, trial_id: str):
-            # A searcher restored from an older snapshot re-issues configs (e.g. its
-            # points_to_evaluate) that already finished before the driver died: skip those.
-            for _ in range(20):
-                cfg = super().suggest(trial_id)
-                if not isinstance(cfg, dict) or trial_id not in self._ot_trials:
-                    return cfg
-                ot = self._ot_trials[trial_id]
-                if ot.params not in self._finished_params(exclude=ot.number):
-                    ot.set_user_attr("tune_trial_id", trial_id)
-                    return {**cfg, "_number": ot.number}
-                ot.set_user_attr("duplicate", True)
-                self._ot_study.tell(ot, state=optuna.trial.TrialState.FAIL)
-                del self._ot_trials[trial_id]
-            return cfg
-
-        def _finished_params(self, exclude: int) -> list[dict]:
-            return [t.params for t in self._ot_study.get_trials(
-                deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)) if t.number != exclude]
-
-        def _adopt(self, trial_id: str) -> None:
-            """After a restore, a trial suggested after the last searcher snapshot is
-            unknown to the restored searcher: find its RUNNING study trial by tag."""
-            running = self._ot_study.get_trials(deepcopy=False,
-                                                states=(optuna.trial.TrialState.RUNNING,))
-            for t in running:
-                if t.user_attrs.get("tune_trial_id") == trial_id:
-                    self._ot_trials[trial_id] = optuna.trial.Trial(self._ot_study, t._trial_id)
-                    return
-
-        def on_trial_complete(self, trial_id: str, result: dict | None = None,
-                              error: bool = False) -> None:
-            if trial_id not in self._ot_trials:
-                self._adopt(trial_id)
-            ms = self.metric if isinstance(self.metric, list) else [self.metric]
-            vals = [(result or {}).get(m) for m in ms]
-            bad = any(v is None or (isinstance(v, float) and not math.isfinite(v)) for v in vals)
-            if not error and bad:
-                if trial_id in self._ot_trials and trial_id not in self._completed_trials:
-                    ot, reason = self._ot_trials[trial_id], (result or {}).get(ERROR_KEY)
-                    if reason:  # diverged: FAIL, with the reason
-                        ot.set_user_attr("error", str(reason)[:500])
-                    self._ot_study.tell(ot, state=optuna.trial.TrialState.FAIL if reason
-                                        else optuna.trial.TrialState.PRUNED)
-                    self._completed_trials.add(trial_id)
-                return
-            super().on_trial_complete(trial_id, result=result, error=error)
-
-    return ParetoSafeOptunaSearch
-
-
-def close_stale_trials(storage_url: str, study_name: str) -> int:
-    """Mark RUNNING study trials left by a killed driver as FAIL (after the sweep ends)."""
-    import optuna
-
-    study = optuna.load_study(study_name=study_name, storage=storage_url)
-    n = 0
-    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        study._storage.set_trial_user_attr(t._trial_id, "stale", True)
-        study.tell(t.number, state=optuna.trial.TrialState.FAIL)
-        n += 1
-    return n
-
-
-# ---------------------------------------------------------------------------------------
-# results
-def _results_callback(run: R.RunDir, run_id: str, spec: SweepSpec):
-    from ray import tune
-
-    from aerl_ray.trial import ERROR_KEY, FINAL_KEY
-
-    names = [o.name for o in spec.objectives]
-    searched = {p.name for p in spec.params}
-
-    def trial_row(trial, status: str, result: dict, error: str = "") -> dict:
-        params = {k: v for k, v in (trial.config or {}).items() if k in searched}
-        row = {"run_id": run_id, "trial_id": trial.trial_id, "status": status, "error": error,
-               "regime": params.get("regime", spec.fixed.get("regime", "")),
-               "params": json.dumps(params, sort_keys=True, default=str),
-               "config": result.get("config_json", ""),
-               "config_hash": R.config_hash(json.loads(result["config_json"]))
-               if result.get("config_json") else "",
-               "epochs_run": int(result.get("epochs_run", result.get("training_iteration", 0))),
-               "val_acc": float(result.get("best_val_acc", result.get("val_acc", float("nan")))),
-               "clean_acc": float(result.get("clean_acc", float("nan"))),
-               "train_fwd_passes": int(result.get("train_fwd_passes", result.get("fwd_passes", 0))),
-               "train_bwd_passes": int(result.get("train_bwd_passes", result.get("bwd_passes", 0))),
-               "train_seconds": float(result.get("train_seconds", float("nan"))),
-               "eval_seconds": float(result.get("eval_seconds", float("nan"))),
-               "eval_compute_seconds": float(result.get("eval_compute_seconds", float("nan"))),
-               "trial_seconds": float(result.get("trial_seconds", float("nan"))),
-               "checkpoint": str(getattr(getattr(trial, "checkpoint", None), "path", "") or ""),
-               "masking_suspected": bool(result.get("masking_suspected", False)),
-               "diagnostics": result.get("diagnostics_json", "{}"),
-               "finished_at": time.time()}
-        row.update({f"obj_{n}": float(result.get(n, float("nan"))) for n in names})
-        row.update({f"p_{k}": v for k, v in params.items()})
-        return row
-
-    class ResultsWriter(tune.Callback):
-        """Driver-side: writes trial/eval/indicator rows to the run dir as they arrive."""
-
-        def on_trial_result(self, iteration, trials, trial, result, **info):
-            if not result.get(FINAL_KEY):
-                return
-            row = trial_row(trial, "COMPLETE", result)
-            evals = json.loads(result.get("eval_rows_json", "[]"))
-            for r in evals:
-                r["checkpoint"] = row["checkpoint"] or r.get("checkpoint", "")
-            R.append_rows(run.evals, evals)
-            R.append_rows(run.indicators, json.loads(result.get("indicator_rows_json", "[]")))
-            if result.get(ERROR_KEY):  # diverged: final, not retried
-                row["status"], row["error"] = "FAILED", str(result[ERROR_KEY])[:500]
-            elif not all(math.isfinite(row[f"obj_{n}"]) for n in names):
-                row["status"], row["error"] = "PRUNED", "an objective is NaN (not evaluated)"
-            R.append_rows(run.trials, [row])
-            if row["status"] == "FAILED":
-                logger.warning("trial %s FAILED: %s", trial.trial_id, row["error"])
-                return
-            logger.info("trial %s done: %s", trial.trial_id,
-                        {n: round(row[f"obj_{n}"], 4) for n in names})
-
-        def on_trial_complete(self, iteration, trials, trial, **info):
-            last = trial.last_result or {}
-            if not last.get(FINAL_KEY):  # stopped before its evaluation (e.g. ASHA)
-                R.append_rows(run.trials, [trial_row(trial, "PRUNED", last,
-                                                     "stopped early by the scheduler")])
-
-        def on_trial_error(self, iteration, trials, trial, **info):
-            err = ""
-            try:
-                err = Path(trial.error_file).read_text()[-2000:] if trial.error_file else ""
-            except OSError:
-                pass
-            reason = next((ln for ln in reversed(err.splitlines()) if "Error" in ln), err[-300:])
-            R.append_rows(run.trials, [trial_row(trial, "FAILED", trial.last_result or {},
-                                                 reason.strip()[:500])])
-
-    return ResultsWriter()
-
-
-def pareto_front(df: pd.DataFrame, objectives: list[dict]) -> pd.DataFrame:
-    """Non-dominated COMPLETE trials (NaN objectives never on the front)."""
-    if df.empty:
-        return df
-    cols = [f"obj_{o['name']}" for o in objectives]
-    if any(c not in df.columns for c in cols):
-        return df.iloc[0:0]
-    ok = df[(df["status"] == "COMPLETE")].dropna(subset=cols)
-    if ok.empty:  # e.g. every trial failed
-        return ok
-    signs = [1 if o.get("direction", "max") == "max" else -1 for o in objectives]
-    vals = ok[cols].to_numpy() * signs
-    keep = []
-    for i, v in enumerate(vals):
-        dominated = any((w >= v).all() and (w > v).any() for j, w in enumerate(vals) if j != i)
-        keep.append(not dominated)
-    return ok[keep].sort_values(cols[0], ascending=False)
 
 
 # ---------------------------------------------------------------------------------------
@@ -409,7 +205,10 @@ def run_sweep(space: str | Path | None = None, run_dir: str | Path | None = None
         run_id = f"{spec.name}-{stamp}-{uuid.uuid4().hex[:6]}"
         study_name = run_id
         optuna_url = optuna_storage or f"sqlite:///{run.optuna_db}"
-    optuna_rdb = open_storage(optuna_url)
+    try:
+        optuna_rdb = open_storage(optuna_url)
+    except StorageConnectError as e:
+        raise SweepError(str(e)) from e
 
     _connect(address, num_cpus)
     from aerl_ray.cluster import GpuRequestError, StorageError, check_storage, cluster_nodes_summary
@@ -455,7 +254,7 @@ def run_sweep(space: str | Path | None = None, run_dir: str | Path | None = None
     trainable = tune.with_resources(trial_fn, plan_res["trial_resources"])
     searcher = None  # a resume restores the pickled searcher; building one would enqueue
     if resume is None:  # points_to_evaluate into the study again (stray WAITING trials)
-        searcher = _searcher_class()(
+        searcher = searcher_class()(
             space=spec.define_by_run, metric=[o.name for o in spec.objectives],
             mode=[o.direction for o in spec.objectives], sampler=make_sampler(spec),
             points_to_evaluate=[dict(p) for p in spec.points_to_evaluate] or None,
@@ -470,7 +269,7 @@ def run_sweep(space: str | Path | None = None, run_dir: str | Path | None = None
                                   grace_period=int(s.get("grace_period", 1)),
                                   reduction_factor=float(s.get("reduction_factor", 2)),
                                   max_t=int(spec.fixed.get("epochs", 1000)) + 1)
-    callbacks = [_results_callback(run, run_id, spec)]
+    callbacks = [results_callback(run, run_id, spec)]
     run_config = tune.RunConfig(name=spec.name, storage_path=tune_storage, callbacks=callbacks,
                                 verbose=verbose,
                                 failure_config=tune.FailureConfig(max_failures=1))

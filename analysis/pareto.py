@@ -104,8 +104,9 @@ def _json_true_keys(v: Any) -> list[str]:
             v = json.loads(v)
         except ValueError:
             return []
-    if isinstance(v, dict):
-        return [str(k) for k, on in v.items() if bool(on)]
+    if isinstance(v, dict):  # {name: bool} or aerl_ray.diagnostics' {name: {..., "flag"}}
+        return [str(k) for k, on in v.items()
+                if bool(on.get("flag") if isinstance(on, dict) else on)]
     return []
 
 
@@ -114,18 +115,9 @@ def pareto_mask(points: Any) -> np.ndarray:
     """Boolean mask of the non-dominated rows of an (n, 2) array, both columns maximised.
 
     NaN/inf rows are never on the front; identical points are all kept (see module doc).
+    One implementation for the sweep and the analysis: :func:`aerl_ray.results.pareto_mask`.
     """
-    p = np.asarray(points, dtype=float).reshape(-1, 2)
-    finite = np.isfinite(p).all(axis=1)
-    mask = finite.copy()
-    q = p[finite]
-    idx = np.flatnonzero(finite)
-    for j, i in enumerate(idx):
-        ge = (q >= q[j]).all(axis=1)
-        gt = (q > q[j]).any(axis=1)
-        if (ge & gt).any():
-            mask[i] = False
-    return mask
+    return results.pareto_mask(np.asarray(points, dtype=float).reshape(-1, 2))
 
 
 def hypervolume_2d(points: Any, ref: Sequence[float] = DEFAULT_REF) -> float:

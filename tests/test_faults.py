@@ -24,7 +24,8 @@ import pytest
 import torch
 
 from aerl_ray import results as R
-from aerl_ray.sweep import pareto_front, run_sweep
+from aerl_ray.recorder import pareto_front
+from aerl_ray.sweep import run_sweep
 
 ROOT = Path(__file__).resolve().parent.parent
 QUICK = ROOT / "search_spaces" / "quickstart.yaml"
