@@ -15,6 +15,7 @@ from typing import Any, Mapping
 from aerl_ray.attacks import ATTACKS, Norm, parse_eps, parse_eps_grid
 from aerl_ray.attacks import autoattack as aa_mod
 
+DIAGNOSTIC_LEVELS = ("off", "cheap", "full")  # see aerl_ray.diagnostics
 DEFAULT_GRIDS = {"linf": ("0", "1/255", "2/255", "4/255", "8/255", "16/255"),
                  "l2": ("0", "0.125", "0.25", "0.5", "1.0", "2.0")}
 
@@ -58,6 +59,12 @@ class EvalPlan:
         indicator_steps: PGD steps of that trajectory.
         indicator_eps: norm -> budget of that trajectory (default: the grid's middle
             non-zero budget).
+        diagnostics: gradient-masking diagnostics (:mod:`aerl_ray.diagnostics`): ``off``,
+            ``cheap`` (small subset, few extra attacks: the sweep's default) or ``full``
+            (more examples, steps and restarts: for final Pareto trials).  They run at
+            the indicator budget of each norm.
+        diagnostics_n: examples of the diagnostics' extra attacks (0 = the level's
+            default: 64 cheap, 256 full; capped at n).
     """
 
     attacks: tuple[str, ...] = ("pgd",)
@@ -74,6 +81,8 @@ class EvalPlan:
     indicators: bool = True
     indicator_steps: int = 20
     indicator_eps: Any = ()
+    diagnostics: str = "off"
+    diagnostics_n: int = 0
 
     def __post_init__(self) -> None:
         def err(msg: str) -> None:
@@ -147,6 +156,11 @@ class EvalPlan:
             except ValueError as ex:
                 err(f"indicator_eps: {ex}")
         object.__setattr__(self, "indicator_eps", ind)
+        if self.diagnostics not in DIAGNOSTIC_LEVELS:
+            err(f"diagnostics={self.diagnostics!r}; known levels: "
+                f"{', '.join(DIAGNOSTIC_LEVELS)}")
+        if self.diagnostics_n < 0:
+            err(f"diagnostics_n={self.diagnostics_n} must be >= 0 (0 = the level's default)")
 
     def params_for_raw(self, name: str) -> tuple:
         return dict(self.attack_params).get(name, ())

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import logging
 import time
 from typing import Any, Mapping
@@ -40,6 +41,7 @@ def plan_from_spec(ev: Mapping[str, Any], has_reference: bool):
         raise EvalPlanError(f"unknown key(s) {sorted(unknown)}; known: "
                             f"{', '.join(sorted(fields | POOL_KEYS))}")
     kw = {k: v for k, v in ev.items() if k in fields}
+    kw.setdefault("diagnostics", "cheap")  # every sweep trial gets the masking diagnostics
     attacks = kw.get("attacks", ("pgd",))
     attacks = attacks.split(",") if isinstance(attacks, str) else list(attacks)
     if "transfer" in attacks and not kw.get("transfer_source"):
@@ -89,21 +91,38 @@ class SweepEvaluator:
         self._data: dict[tuple, Any] = {}
 
     def evaluate(self, ckpt: dict, meta: Mapping[str, Any]) -> dict:
-        from aerl_ray.evaluate import evaluate_checkpoint, load_test_data
+        """Rows, indicators and diagnostics of one checkpoint.
+
+        ``meta["diagnostics"]`` (``off``/``cheap``/``full``) overrides the plan's level,
+        e.g. ``full`` when re-evaluating the final Pareto trials.  ``diagnostics`` maps
+        check -> {value, reference, delta, flag, detail, ...} (aerl_ray.diagnostics);
+        ``masking_suspected`` is True when any check (or any attack flag) fired.
+        """
+        from aerl_ray.evaluate import load_test_data, run_evaluation
 
         cfg = ckpt.get("config", {})
         key = tuple(sorted((k, str(cfg.get(k))) for k in ("dataset", "cache_dir", "image_size")))
         if key not in self._data:
             self._data[key] = load_test_data(cfg)
         t = time.perf_counter()
-        rows, ind = evaluate_checkpoint(
+        ev = run_evaluation(
             ckpt, self.plan, data=self._data[key], run_id=meta.get("run_id", ""),
             trial_id=meta.get("trial_id", ""), cache=self.cache, source=self.source,
             device=self.device, label=meta.get("checkpoint") or None,
-            source_label=REFERENCE_LABEL if self.source is not None else None)
-        flags = sorted({f for r in rows for f in __import__("json").loads(r["flags"])})
-        return {"rows": rows, "indicators": ind, "seconds": time.perf_counter() - t,
-                "diagnostics": {"attack_flags": flags}, "masking_suspected": bool(flags)}
+            source_label=REFERENCE_LABEL if self.source is not None else None,
+            diagnostics=meta.get("diagnostics") or None)
+        if ev.diagnostics is not None:
+            diag = ev.diagnostics.to_dict()
+            suspected = ev.diagnostics.masking_suspected
+        else:  # diagnostics off: only the attacks' own flags
+            flags = sorted({f for r in ev.rows for f in json.loads(r["flags"])})
+            diag = {"attack_flags": {"value": len(flags), "reference": 0, "delta": 0.0,
+                                     "flag": bool(flags), "detail": "; ".join(flags),
+                                     "level": "off"}}
+            suspected = bool(flags)
+        return {"rows": ev.rows, "indicators": ev.indicators,
+                "seconds": time.perf_counter() - t, "diagnostics": diag,
+                "masking_suspected": bool(suspected)}
 
 
 @ray.remote(max_restarts=2, max_task_retries=0)

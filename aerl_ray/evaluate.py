@@ -9,6 +9,11 @@ returning probabilities) before the first attack, runs every attack over each bu
 grid in one pass (:func:`~aerl_ray.attacks.base.robustness_curve`), and returns rows in
 the schemas of :mod:`aerl_ray.results` (``EVAL_COLUMNS``, ``INDICATOR_COLUMNS``).
 
+With ``plan.diagnostics`` (``cheap``/``full``) :func:`run_evaluation` also runs the
+gradient-masking diagnostics of :mod:`aerl_ray.diagnostics`; the CLI's
+``--diagnostics cheap|full`` prints them and writes ``OUT/diagnostics.parquet`` (one row
+per check, ``DIAGNOSTIC_COLUMNS``) and ``OUT/diagnostics.json`` next to the evals.
+
 The sweep's evaluator actors wrap :class:`Evaluator` (no global state; it only holds the
 transfer cache and loaded data/sources).  ``python -m aerl_ray.evaluate CKPT ...`` is a
 thin CLI over the same functions.
@@ -33,6 +38,7 @@ from aerl_ray.attacks import (ATTACKS, Norm, Threat, TransferCache, check_images
 from aerl_ray.attacks.base import params_json
 from aerl_ray.attacks.transfer import load_source
 from aerl_ray.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+from aerl_ray.diagnostics import DiagnosticsReport, run_diagnostics
 from aerl_ray.evalplan import DEFAULT_GRIDS, EvalPlan, EvalPlanError
 from aerl_ray.results import append_rows, config_hash, wilson_interval
 
@@ -83,6 +89,15 @@ def _resolve_device(device: str | torch.device | None) -> torch.device:
 
 
 # --- the evaluation -------------------------------------------------------------------------
+@dataclass
+class Evaluation:
+    """What :func:`run_evaluation` returns."""
+
+    rows: list[dict]  # EVAL_COLUMNS
+    indicators: list[dict]  # INDICATOR_COLUMNS
+    diagnostics: DiagnosticsReport | None = None  # None when the level is "off"
+
+
 def evaluate_checkpoint(target: "str | os.PathLike | dict | nn.Module", plan: EvalPlan, *,
                         data: tuple[torch.Tensor, torch.Tensor] | None = None,
                         run_id: str = "", trial_id: str = "",
@@ -93,6 +108,27 @@ def evaluate_checkpoint(target: "str | os.PathLike | dict | nn.Module", plan: Ev
                         label: str | None = None, source_label: str | None = None,
                         ) -> tuple[list[dict], list[dict]]:
     """Evaluate one checkpoint; returns (eval_rows, indicator_rows).
+
+    The masking diagnostics are not run here (whatever ``plan.diagnostics`` says); use
+    :func:`run_evaluation` for rows + diagnostics.  Arguments as :func:`run_evaluation`.
+    """
+    ev = run_evaluation(target, plan, data=data, run_id=run_id, trial_id=trial_id,
+                        cache=cache, source=source, device=device,
+                        landscape_dir=landscape_dir, label=label, source_label=source_label,
+                        diagnostics="off")
+    return ev.rows, ev.indicators
+
+
+def run_evaluation(target: "str | os.PathLike | dict | nn.Module", plan: EvalPlan, *,
+                   data: tuple[torch.Tensor, torch.Tensor] | None = None,
+                   run_id: str = "", trial_id: str = "",
+                   cache: TransferCache | None = None,
+                   source: "nn.Module | str | None" = None,
+                   device: str | torch.device | None = "cpu",
+                   landscape_dir: str | os.PathLike | None = None,
+                   label: str | None = None, source_label: str | None = None,
+                   diagnostics: str | None = None) -> Evaluation:
+    """Evaluate one checkpoint: eval rows, indicator rows and masking diagnostics.
 
     Args:
         target: checkpoint path, loaded checkpoint dict, or a model (then ``data`` is
@@ -107,6 +143,8 @@ def evaluate_checkpoint(target: "str | os.PathLike | dict | nn.Module", plan: Ev
         label: the ``checkpoint`` value of the rows (default: the path).
         source_label: names the transfer source in the attack column (default: derived
             from ``plan.transfer_source``).
+        diagnostics: level of the masking diagnostics (default ``plan.diagnostics``); they
+            reuse the rows at the headline budgets (see :mod:`aerl_ray.diagnostics`).
 
     Raises:
         EvalPlanError, CheckpointError, AttackInputError: before any attack runs.
@@ -175,7 +213,12 @@ def evaluate_checkpoint(target: "str | os.PathLike | dict | nn.Module", plan: Ev
                                   "flags": json.dumps(r.flags)})
         if plan.indicators or landscape_dir:
             ind_rows += _indicators(model, x, y, norm, plan, base, landscape_dir)
-    return eval_rows, ind_rows
+    level = plan.diagnostics if diagnostics is None else diagnostics
+    report = None
+    if level != "off":
+        report = run_diagnostics(model, x, y, plan, level=level, eval_rows=eval_rows,
+                                 n=plan.diagnostics_n)
+    return Evaluation(eval_rows, ind_rows, report)
 
 
 def _source_label(source: Any, plan: EvalPlan) -> str:
@@ -305,6 +348,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="", help="expected architecture (error if different)")
     p.add_argument("--no-indicators", action="store_true")
     p.add_argument("--indicator-steps", type=int, default=20)
+    p.add_argument("--diagnostics", default="off", choices=("off", "cheap", "full"),
+                   help="gradient-masking diagnostics (aerl_ray.diagnostics): prints a table "
+                        "and writes OUT/diagnostics.parquet (one row per check) and "
+                        "OUT/diagnostics.json (default off)")
+    p.add_argument("--diagnostics-n", type=int, default=0,
+                   help="examples of the diagnostics' extra attacks (0 = 64 cheap, 256 full)")
     p.add_argument("--landscape", action="store_true",
                    help="write 1-D loss-landscape slices (JSON + PNG) under --out")
     p.add_argument("--out", default="", help="output dir for evals.parquet/indicators.parquet")
@@ -351,7 +400,8 @@ def plan_from_args(args: argparse.Namespace) -> EvalPlan:
                                              if a.strip()),
                     autoattack_n=args.aa_n, transfer_source=args.transfer_source,
                     model=args.model, indicators=not args.no_indicators,
-                    indicator_steps=args.indicator_steps)
+                    indicator_steps=args.indicator_steps, diagnostics=args.diagnostics,
+                    diagnostics_n=args.diagnostics_n)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -359,19 +409,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         plan = plan_from_args(args)
-        rows, ind = evaluate_checkpoint(
+        ev = run_evaluation(
             args.checkpoint, plan, run_id=args.run_id, trial_id=args.trial_id,
             device=args.device, landscape_dir=args.out if args.landscape and args.out else None)
     except (EvalPlanError, CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    rows, ind, diag = ev.rows, ev.indicators, ev.diagnostics
     print(format_table(rows))
+    if diag is not None:
+        print(diag.format_table())
     if args.out:
         out = Path(args.out)
         append_rows(out / "evals.parquet", rows)
         append_rows(out / "indicators.parquet", ind)
         print(f"wrote {len(rows)} rows to {out / 'evals.parquet'} and {len(ind)} to "
               f"{out / 'indicators.parquet'}")
+        if diag is not None:
+            base = {"run_id": args.run_id, "trial_id": args.trial_id,
+                    "checkpoint": rows[0]["checkpoint"] if rows else args.checkpoint}
+            append_rows(out / "diagnostics.parquet", diag.rows(**base))
+            (out / "diagnostics.json").write_text(json.dumps(
+                {**base, "masking_suspected": diag.masking_suspected,
+                 "diagnostics": diag.to_dict()}, indent=1, default=str))
+            print(f"wrote {len(diag.checks)} diagnostics to {out / 'diagnostics.parquet'} "
+                  f"and {out / 'diagnostics.json'}")
     return 0
 
 
