@@ -25,7 +25,9 @@ import ray
 
 logger = logging.getLogger(__name__)
 
-POOL_KEYS = {"actors", "cpus_per_actor", "gpus_per_actor"}
+# keys of a space's evaluation: section that are not EvalPlan fields: the pool's size and
+# the diagnostics level of the final re-evaluation of the Pareto trials (off/cheap/full)
+POOL_KEYS = {"actors", "cpus_per_actor", "gpus_per_actor", "final_diagnostics"}
 REFERENCE_LABEL = "sl_reference"
 
 
@@ -50,9 +52,10 @@ def plan_from_spec(ev: Mapping[str, Any], has_reference: bool):
                                 "section (e.g. {regime: sl, epochs: 10}) or "
                                 "evaluation.transfer_source: CKPT")
         kw["transfer_source"] = REFERENCE_LABEL
-    for k in ("actors",):
-        if int(ev.get(k, 1)) < 1:
-            raise EvalPlanError("actors must be >= 1")
+    if int(ev.get("actors", 1)) < 1:
+        raise EvalPlanError("actors must be >= 1")
+    if ev.get("final_diagnostics", "full") not in ("off", "cheap", "full"):
+        raise EvalPlanError("final_diagnostics must be off, cheap or full")
     return EvalPlan(**kw)
 
 
@@ -122,6 +125,7 @@ class SweepEvaluator:
             suspected = bool(flags)
         return {"rows": ev.rows, "indicators": ev.indicators,
                 "seconds": time.perf_counter() - t, "diagnostics": diag,
+                "diagnostics_level": meta.get("diagnostics") or self.plan.diagnostics,
                 "masking_suspected": bool(suspected)}
 
 

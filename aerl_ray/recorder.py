@@ -45,9 +45,11 @@ def results_callback(run: R.RunDir, run_id: str, spec: SweepSpec):
                "eval_seconds": float(result.get("eval_seconds", float("nan"))),
                "eval_compute_seconds": float(result.get("eval_compute_seconds", float("nan"))),
                "trial_seconds": float(result.get("trial_seconds", float("nan"))),
-               "checkpoint": str(getattr(getattr(trial, "checkpoint", None), "path", "") or ""),
+               "checkpoint": str(result.get("checkpoint_path") or getattr(
+                   getattr(trial, "checkpoint", None), "path", "") or ""),
                "masking_suspected": bool(result.get("masking_suspected", False)),
                "diagnostics": result.get("diagnostics_json", "{}"),
+               "diagnostics_level": result.get("diagnostics_level", ""),
                "finished_at": time.time()}
         row.update({f"obj_{n}": float(result.get(n, float("nan"))) for n in names})
         row.update({f"p_{k}": v for k, v in params.items()})
@@ -106,3 +108,42 @@ def pareto_front(df: pd.DataFrame, objectives: list[dict]) -> pd.DataFrame:
     signs = [1 if o.get("direction", "max") == "max" else -1 for o in objectives]
     keep = R.pareto_mask(ok[cols].to_numpy(dtype=float) * signs)
     return ok[keep].sort_values(cols[0], ascending=False)
+
+
+def final_diagnostics(run: R.RunDir, dispatcher, front: pd.DataFrame, level: str,
+                      run_id: str) -> pd.DataFrame:
+    """Re-evaluate the Pareto trials with the ``level`` diagnostics (search used the cheap
+    ones) and write their updated rows; returns the updated front."""
+    import ray
+    from ray.train import Checkpoint
+
+    from aerl_ray.checkpoint import load_checkpoint
+
+    rows = []
+    for _, row in front.iterrows():
+        if not row.get("checkpoint"):
+            logger.warning("trial %s has no checkpoint path; keeping its search-time "
+                           "diagnostics", row["trial_id"])
+            continue
+        try:
+            with Checkpoint(row["checkpoint"]).as_directory() as d:
+                ckpt = load_checkpoint(Path(d) / "best.pt")
+            res = ray.get(dispatcher.evaluate.remote(
+                [ray.put(ckpt)], {"run_id": run_id, "trial_id": row["trial_id"],
+                                  "checkpoint": row["checkpoint"], "diagnostics": level}))
+        except Exception as e:  # noqa: BLE001 - the search's results stay valid
+            logger.warning("could not re-evaluate trial %s with %s diagnostics: %s",
+                           row["trial_id"], level, e)
+            continue
+        R.append_rows(run.evals, res["rows"])
+        R.append_rows(run.indicators, res["indicators"])
+        new = {k: (None if isinstance(v, float) and math.isnan(v) else v)
+               for k, v in row.items()}
+        new.update(masking_suspected=bool(res["masking_suspected"]),
+                   diagnostics=json.dumps(res["diagnostics"], default=str),
+                   diagnostics_level=level, finished_at=time.time())
+        rows.append(new)
+        logger.info("trial %s: %s diagnostics, masking suspected: %s", row["trial_id"], level,
+                    new["masking_suspected"])
+    R.append_rows(run.trials, rows)
+    return pd.DataFrame(rows) if rows else front

@@ -99,6 +99,8 @@ TRIAL_COLUMNS: dict[str, str] = {
     "trial_seconds": "wall time of the whole trial (training, evaluation, reporting)",
     "checkpoint": "path of the evaluated checkpoint",
     "masking_suspected": "True if any gradient-masking diagnostic fired",
+    "diagnostics": "JSON: check -> {value, reference, delta, flag, detail} (aerl_ray.diagnostics)",
+    "diagnostics_level": "cheap (during the search) or full (re-evaluated: Pareto trials)",
     "finished_at": "unix time the row was written",
 }
 TRIAL_KEY = ["run_id", "trial_id"]

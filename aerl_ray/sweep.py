@@ -26,7 +26,7 @@ from pathlib import Path
 import pandas as pd
 
 from aerl_ray import results as R
-from aerl_ray.recorder import pareto_front, results_callback
+from aerl_ray.recorder import final_diagnostics, pareto_front, results_callback
 from aerl_ray.search import (StorageConnectError, close_stale_trials, make_sampler,
                              open_storage, searcher_class)
 from aerl_ray.space import SpaceError, SweepSpec, load_space, parse_space
@@ -294,9 +294,16 @@ def run_sweep(space: str | Path | None = None, run_dir: str | Path | None = None
     t_fit = time.perf_counter()
     try:
         tuner.fit()
+        fit_seconds = time.perf_counter() - t_fit
+        level = ev.get("final_diagnostics", "full")
+        trials = R.read_table(run.trials, key=R.TRIAL_KEY)
+        front = pareto_front(trials, [o.__dict__ for o in spec.objectives])
+        if level != "off" and not front.empty:
+            todo = front[front.get("diagnostics_level", pd.Series("", index=front.index)) != level]
+            logger.info("re-evaluating %d Pareto trials with %s diagnostics", len(todo), level)
+            final_diagnostics(run, pool, todo, level, run_id)
     finally:
         ray.kill(pool)
-    fit_seconds = time.perf_counter() - t_fit
     stale = close_stale_trials(optuna_url, study_name)
     if stale:
         logger.info("marked %d stale RUNNING study trials as FAIL", stale)

@@ -153,7 +153,7 @@ def _train_with_torchtrainer(cfg: TrainConfig, names: list[str], meta: dict, tri
         best = load_checkpoint(Path(d) / "best.pt")
         from aerl_ray.train import read_metrics
         history = read_metrics(Path(d) / "metrics.jsonl")
-    return {"best": best, "history": history}
+    return {"best": best, "history": history, "checkpoint_path": result.checkpoint.path}
 
 
 def trial_fn(config: dict) -> None:
@@ -190,6 +190,8 @@ def trial_fn(config: dict) -> None:
                           "checkpoint": f"{trial_id}/best.pt"}))
     eval_seconds = time.perf_counter() - t1
     final = final_report(evaluation, meta["objectives"], best, history, cfg)
+    if trained.get("checkpoint_path"):  # Ray Train's (in-process: the Tune trial checkpoint)
+        final["checkpoint_path"] = str(trained["checkpoint_path"])
     final.update(train_seconds=train_seconds, eval_seconds=eval_seconds,
                  eval_compute_seconds=float(evaluation.get("seconds", eval_seconds)),
                  trial_seconds=time.perf_counter() - t_start,
@@ -243,6 +245,7 @@ def final_report(evaluation: dict, objectives: list[dict], best: dict, history: 
         "train_bwd_passes": int(last.get("bwd_passes", 0)),
         "masking_suspected": bool(evaluation.get("masking_suspected", False)),
         "diagnostics_json": json.dumps(evaluation.get("diagnostics", {}), default=str),
+        "diagnostics_level": evaluation.get("diagnostics_level", ""),
         "eval_rows_json": json.dumps(rows, default=str),
         "indicator_rows_json": json.dumps(ind, default=str),
         "regime": cfg.regime.regime,

@@ -57,6 +57,14 @@ def test_quickstart_smoke_end_to_end(ray_session, tmp_path):
     ea.Reload()
     assert "ray/tune/val_acc" in ea.Tags()["scalars"]
     assert len(ea.Scalars("ray/tune/val_acc")) >= 3
+    # every trial carries masking diagnostics; the Pareto trials were re-evaluated in full
+    assert set(trials["diagnostics_level"]) <= {"cheap", "full"}
+    front_ids = set(res.pareto["trial_id"])
+    assert front_ids and all(
+        trials.set_index("trial_id").loc[t, "diagnostics_level"] == "full" for t in front_ids)
+    diag = json.loads(trials["diagnostics"].iloc[0])
+    assert any(k.startswith("one_step") or "fgsm" in k for k in diag), diag.keys()
+    assert all({"value", "flag"} <= set(v) for v in diag.values())
     # the Pareto set is printed
     text = format_pareto(res)
     assert "obj_clean_acc" in text and len(res.pareto) >= 1
