@@ -56,12 +56,14 @@ EVAL_COLUMNS: dict[str, str] = {
     "ci_low": "95% Wilson interval, lower bound of robust_acc",
     "ci_high": "95% Wilson interval, upper bound of robust_acc",
     "seed": "attack seed",
-    "fwd_passes": "forward example-passes the attack used at this budget (the budgets of "
-                  "a grid run in one pass: the incremental cost; transfer: incl. crafting "
-                  "on the source, 0 when cached)",
+    "fwd_passes": "forward example-passes the attack used at this budget (pgd/fgsm run "
+                  "the whole grid in one batched loop: each shared pass is split over the "
+                  "budgets by the rows each had in it, the clean pass charged to the first "
+                  "budget; other attacks: the incremental cost of this budget; transfer: "
+                  "incl. crafting on the source, 0 when cached)",
     "bwd_passes": "backward example-passes the attack used at this budget (as fwd_passes)",
     "queries": "model queries (query-based attacks; else forward passes)",
-    "seconds": "wall time of the attack at this budget (incremental, as fwd_passes)",
+    "seconds": "wall time of the attack at this budget (split like fwd_passes)",
     "params": "JSON of the attack parameters (steps, restarts, loss, ...)",
     "flags": "JSON list of warnings/diagnostic flags raised by this attack",
 }

@@ -183,7 +183,9 @@ class NoisyLogits(nn.Module):
 
 def test_autoattack_check_warnings_become_flags(sl_model, batch8):
     x, y = batch8
-    r = run_attack("autoattack", NoisyLogits(sl_model), x, y, Threat("linf", 0.05),
+    # .eval(): a fresh wrapper is in train mode, which run_attack restores -- also on
+    # the shared sl_model inside it (dropout would then leak into later tests)
+    r = run_attack("autoattack", NoisyLogits(sl_model).eval(), x, y, Threat("linf", 0.05),
                    version="custom", attacks=["apgd-ce"], n_iter=3)
     assert any("randomized" in f for f in r.flags), r.flags
 
@@ -239,3 +241,99 @@ def test_bad_inputs_fail_before_work(sl_model, tiny_model, batch8):
         run_attack("pgd", sl_model, x, y, Threat("linf", 0.1), loss="hinge")
     with pytest.raises(ValueError, match="custom"):
         run_attack("autoattack", sl_model, x, y, Threat("linf", 0.1), attacks=["apgd-ce"])
+
+
+# --- the one-loop many-budget PGD -----------------------------------------------------------
+def _running_min(separate):
+    broken = torch.zeros(len(separate[0].success), dtype=torch.bool)
+    out = []
+    for s in separate:
+        broken = broken | s.success
+        out.append(broken)
+    return out
+
+
+def test_row_threat_ops_match_scalar_ones_bit_for_bit(digits):
+    from aerl_ray.attacks.threat import project_rows, random_start_rows
+
+    x = digits.x_test[:12]
+    ids = torch.arange(12) * 5
+    noisy = (x + 0.4 * torch.randn(x.shape, generator=torch.Generator().manual_seed(0)))
+    for norm, eps in [("linf", 2 / 255), ("linf", 0.3), ("l2", 1 / 3), ("l2", 2.0)]:
+        t = Threat(norm, eps)
+        e = torch.full((12,), t.eps, dtype=torch.float64)
+        assert torch.equal(t.project(noisy, x), project_rows(t.norm, noisy, x, e))
+        assert torch.equal(t.random_start(x, ids, 1, 7),
+                           random_start_rows(t.norm, x, ids, 1, 7, e))
+
+
+@pytest.mark.parametrize("norm,grid,params", [
+    ("linf", [0.05, 0.1, 0.1, 0.3], dict(steps=6, restarts=3, seed=1, loss="margin",
+                                          batch_size=40)),
+    ("l2", [0, 0.5, 1.0, 2.5], dict(steps=6, restarts=2, loss="dlr")),
+    ("linf", [0, 0.05, 0.2], dict(steps=5, restarts=2, early_stop=False, batch_size=25)),
+    ("l2", [0.3, 1.0, 3.0], dict(steps=4, step_size=0.5, random_start=False)),
+])
+def test_pgd_one_loop_equals_separate_runs_and_the_budget_loop(norm, grid, params,
+                                                               sl_model, digits):
+    from aerl_ray.passes import PassCounter
+
+    x, y = digits.x_test[40:100], digits.y_test[40:100]
+    with PassCounter(sl_model) as pc:
+        curve = pgd_curve(sl_model, x, y, norm, grid, **params)
+    loop = robustness_curve("pgd", sl_model, x, y, norm, grid, one_loop=False, **params)
+    separate = [run_attack("pgd", sl_model, x, y, Threat(norm, e), **params) for e in grid]
+    for e, c, l, s, want in zip(grid, curve, loop, separate, _running_min(separate)):
+        assert torch.equal(c.success, want) and torch.equal(l.success, want)
+        assert torch.equal(c.success, predict(sl_model, c.x_adv) != y)
+        assert Threat(norm, e).contains(c.x_adv, x)
+        # up to float noise of batch-size-dependent kernels (L2 steps amplify it to ~1e-5):
+        rob = ~c.success  # still-robust examples: the separate run's own best point
+        assert torch.allclose(c.x_adv[rob], s.x_adv[rob], atol=1e-4)
+        assert torch.allclose(c.best_loss[rob], s.best_loss[rob], rtol=1e-4, atol=1e-4,
+                              equal_nan=True)
+        # broken examples: the point of the smallest breaking budget, as the budget loop
+        assert torch.allclose(c.x_adv[c.success], l.x_adv[l.success], atol=1e-4)
+    # per-budget costs are a split of the hook-counted total (none lost, none invented)
+    assert sum(c.fwd_passes for c in curve) == pc.fwd - min(len(x), 64)  # - check_logits
+    assert sum(c.bwd_passes for c in curve) == pc.bwd
+    assert all(c.seconds >= 0 for c in curve)
+    assert [c.robust_acc for c in curve] == [c.robust_acc for c in loop]
+
+
+def test_fgsm_one_loop_equals_separate_runs(sl_model, digits):
+    x, y = digits.x_test[:60], digits.y_test[:60]
+    grid = [0, 0.05, 0.1, 0.2, 0.3]
+    curve = robustness_curve("fgsm", sl_model, x, y, "linf", grid)
+    separate = [run_attack("fgsm", sl_model, x, y, Threat("linf", e)) for e in grid]
+    for c, want in zip(curve, _running_min(separate)):
+        assert torch.equal(c.success, want)
+
+
+def test_pgd_one_loop_shares_passes_across_budgets(sl_model, digits):
+    """With room in the batch (and ``speculate``, the default off the CPU) all budgets of
+    an example run at once: far fewer backward passes than the budget-by-budget loop,
+    same numbers."""
+    from aerl_ray.attacks.pgd import pgd_grid
+
+    x, y = digits.x_test[:48], digits.y_test[:48]
+    grid, params = [0, 0.02, 0.05, 0.1, 0.2], dict(steps=8, seed=0)
+    grad_calls = []
+    handle = sl_model.register_forward_hook(
+        lambda m, i, o: grad_calls.append(1) if o.requires_grad else None)
+    try:
+        one = pgd_grid(sl_model, x, y, "linf", grid, speculate=True, **params)
+        n_one = len(grad_calls)
+        grad_calls.clear()
+        loop = robustness_curve("pgd", sl_model, x, y, "linf", grid, one_loop=False,
+                                **params)
+        n_loop = len(grad_calls)
+        lean = pgd_grid(sl_model, x, y, "linf", grid, speculate=False, **params)
+    finally:
+        handle.remove()
+    for o, l, c in zip(one, loop, lean):
+        assert torch.equal(o.success, l.success) and torch.equal(c.success, l.success)
+    assert n_one < 0.5 * n_loop, (n_one, n_loop)
+    # without speculation: exactly the pairs (and backward passes) of the budget loop
+    assert [c.extra["attacked"] for c in lean] == [c.extra["attacked"] for c in loop]
+    assert sum(c.bwd_passes for c in lean) == sum(c.bwd_passes for c in loop)

@@ -10,7 +10,8 @@ accuracy of the model on valid adversarial inputs, whatever the attack claims.
 
 :func:`robustness_curve` evaluates a sorted budget grid in one pass: a point broken at
 a budget stays broken at every larger budget with the same perturbation, so only the
-still-robust examples are attacked at the next budget.
+still-robust examples are attacked at the next budget (PGD and FGSM go further and batch
+all budgets in one loop, see :func:`aerl_ray.attacks.pgd.pgd_grid`).
 """
 from __future__ import annotations
 
@@ -90,6 +91,10 @@ class AttackSpec:
         reuse: ``subset`` -- in a budget grid, attack only the still-robust examples;
             ``full`` -- attack all examples at every budget (e.g. a cached transfer set)
             and combine per example afterwards.
+        curve: optional ``curve(model, x, y, norm, grid, example_ids=..., **params) ->
+            list[AttackResult]`` that runs the whole grid at once (PGD/FGSM: all budgets
+            batched in one loop); it must give the per-example running minimum of
+            separate runs, as the generic loop does.  :func:`robustness_curve` uses it.
     """
 
     name: str
@@ -99,6 +104,7 @@ class AttackSpec:
     fast_params: Mapping[str, Any] = field(default_factory=dict)
     per_example_rng: bool = False
     reuse: str = "subset"
+    curve: Callable[..., list[AttackResult]] | None = None
 
     def param_names(self) -> list[str]:
         sig = inspect.signature(self.fn)
@@ -120,11 +126,13 @@ ATTACKS: Registry[AttackSpec] = Registry("attack")
 
 def register_attack(name: str, kind: str, requires: Sequence[str] = (),
                     fast_params: Mapping[str, Any] | None = None,
-                    per_example_rng: bool = False, reuse: str = "subset"):
+                    per_example_rng: bool = False, reuse: str = "subset",
+                    curve: Callable[..., list[AttackResult]] | None = None):
     """Decorator: register ``fn`` under ``name`` in :data:`ATTACKS` (returns ``fn``)."""
     def deco(fn: AttackFn) -> AttackFn:
         ATTACKS.register(name)(AttackSpec(name, fn, kind, tuple(requires),
-                                          dict(fast_params or {}), per_example_rng, reuse))
+                                          dict(fast_params or {}), per_example_rng, reuse,
+                                          curve))
         return fn
 
     return deco
@@ -220,7 +228,7 @@ def parse_eps_grid(grid: Sequence["str | float"]) -> list[float]:
 
 def robustness_curve(name: "str | AttackSpec", model: nn.Module, x: torch.Tensor,
                      y: torch.Tensor, norm: "str | Norm", eps_grid: Sequence["str | float"],
-                     **params: Any) -> list[AttackResult]:
+                     *, one_loop: bool = True, **params: Any) -> list[AttackResult]:
     """One :class:`AttackResult` per budget of a sorted grid, reusing work across budgets.
 
     Per example, the result at budget k is robust only if the attack failed at every
@@ -229,6 +237,11 @@ def robustness_curve(name: "str | AttackSpec", model: nn.Module, x: torch.Tensor
     still-robust examples are attacked at the next budget; for attacks with per-example
     RNG this gives exactly the per-example minimum of separate runs.  Each result's
     passes/seconds are the *incremental* cost of its budget.
+
+    Attacks with a ``curve`` (PGD, FGSM) run all budgets in one batched loop instead
+    (``one_loop=False`` forces the budget-by-budget loop below, for comparison); their
+    shared passes are split over budgets by the rows each budget used (see
+    :func:`aerl_ray.attacks.pgd.pgd_grid`).
     """
     spec = name if isinstance(name, AttackSpec) else ATTACKS.get(name)
     grid = parse_eps_grid(eps_grid)
@@ -237,6 +250,15 @@ def robustness_curve(name: "str | AttackSpec", model: nn.Module, x: torch.Tensor
     spec.validate_params(params)
     check_images(x, y)
     ids = torch.arange(len(x)) if example_ids is None else example_ids.cpu()
+    if one_loop and spec.curve is not None:
+        was_training = model.training
+        model.eval()
+        try:
+            if len(x):
+                check_logits(model, x)
+            return spec.curve(model, x, y, norm, grid, example_ids=ids, **params)
+        finally:
+            model.train(was_training)
     robust = torch.ones(len(x), dtype=torch.bool)
     x_best = x.clone()
     best_loss = torch.full((len(x),), float("nan"))

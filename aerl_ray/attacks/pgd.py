@@ -10,10 +10,12 @@
   restarts) that fooled the model, else the highest-loss iterate; always clipped to
   [0, 1].  With ``early_stop`` a fooled example leaves the batch.
 - Random starts are per-example reproducible (:func:`Threat.random_start`), which makes
-  :func:`pgd_curve` -- many budgets in one pass -- equal separate runs.
+  :func:`pgd_curve` -- many budgets in one pass -- equal separate runs.  Its loop,
+  :func:`pgd_grid`, batches (example, budget) pairs of all budgets into shared passes.
 """
 from __future__ import annotations
 
+import time
 from typing import Protocol, Sequence
 
 import torch
@@ -21,7 +23,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from aerl_ray.attacks.base import AttackResult, register_attack, robustness_curve
-from aerl_ray.attacks.threat import Norm, Threat
+from aerl_ray.attacks.threat import (Norm, Threat, parse_eps, project_rows,
+                                     random_start_rows)
+from aerl_ray.passes import PassCounter
 from aerl_ray.registry import Registry
 
 LOSSES: Registry = Registry("attack loss")
@@ -139,8 +143,251 @@ def pgd_core(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: Threat,
     return torch.cat(xs_best), torch.cat(fooled_all).cpu(), torch.cat(loss_all).cpu()
 
 
+# --- many budgets in one loop ---------------------------------------------------------------
+PENDING, ACTIVE, ROBUST, BROKEN, DROPPED = 0, 1, 2, 3, 4
+
+
+def _split(total: int, rows: torch.Tensor) -> torch.Tensor:
+    """Split ``total`` passes over budgets in proportion to ``rows`` (largest remainder),
+    so the parts are integers summing to ``total``."""
+    if int(rows.sum()) == total:
+        return rows.clone()
+    share = rows.double() * total / max(int(rows.sum()), 1)
+    part = share.floor().long()
+    rest = total - int(part.sum())
+    if rest > 0:
+        part[(share - part).argsort(descending=True)[:rest]] += 1
+    return part
+
+
+def pgd_grid(model: nn.Module, x: torch.Tensor, y: torch.Tensor, norm: "str | Norm",
+             eps_grid: Sequence["str | float"], *, steps: int = 50,
+             step_size: float | None = None, restarts: int = 1, loss: str = "ce",
+             random_start: bool = True, seed: int = 0, early_stop: bool = True,
+             batch_size: int = 500, example_ids: torch.Tensor | None = None,
+             speculate: bool | None = None) -> list[AttackResult]:
+    """PGD at every budget of a sorted grid in one batched loop; one result per budget.
+
+    The units of work are (example, budget) *pairs*.  Each pair runs exactly the PGD of
+    a separate :func:`pgd` run at its budget -- its own random start per restart (drawn
+    from (seed, example id, restart), scaled to its eps), its own step ``step_size * eps``,
+    its own best point, early exit and restarts (a later restart only if the earlier ones
+    failed) -- but the pairs of all budgets share the forward/backward passes: every
+    iteration steps all active pairs (up to ``batch_size``), whatever their budget, step
+    or restart, in one forward/backward pass (plus a forward-only pass for pairs at their
+    last iterate and one that checks finished pairs).  Finished pairs leave and pending
+    ones take their place.
+
+    Reuse: when pair (i, k) is broken (decided, as in :func:`run_attack`, by a fresh
+    forward pass of its projected best point), the pairs (i, j > k) are broken by that
+    same perturbation; they are dropped -- mid-run if active, never started if pending.
+    Pairs enter in order: an example's next budget is admitted once its smaller budgets
+    are done (the least work: exactly the pairs a budget-by-budget loop attacks), or --
+    with ``speculate``, only to fill otherwise idle slots of the batch -- while they are
+    still running, which cuts the number of passes (all budgets of an example at once
+    when the batch has room) at the price of pairs that a smaller budget's later break
+    makes useless.  ``None`` (default) speculates off the CPU only: on a CPU a pass costs
+    in proportion to its rows, so idle slots are free and speculative rows are not; on an
+    accelerator a pass costs about the same for any batch up to ``batch_size``.  Either
+    way the numbers are the same: the sum-reduced loss keeps each row's gradient
+    independent of the batch, so a pair's trajectory is that of the separate run (up to
+    float noise of batch-size-dependent kernels), and the result at budget k is exactly
+    the per-example running minimum of separate runs at budgets <= k.  Returned points:
+    at a budget where an example is broken, the point of its smallest breaking budget
+    (as the budget-by-budget loop); where it is robust, the separate run's best point.
+
+    Costs per result (``fwd_passes``/``bwd_passes``): the hook-counted passes of every
+    shared pass, split over budgets by the rows each budget had in it (pair-steps and the
+    check of finished pairs); the clean forward pass, shared by all budgets, is charged to
+    the grid's first budget.  ``seconds`` splits the call's wall time in proportion to
+    those passes.  ``extra["attacked"]`` is the number of pairs started at the budget.
+    """
+    _check(steps, restarts, step_size, loss)
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} must be >= 1")
+    t_start = time.perf_counter()
+    loss_fn = LOSSES.get(loss)
+    norm = Norm.parse(norm)
+    grid = [parse_eps(e) for e in eps_grid]
+    n, dev = len(x), x.device
+    ids = torch.arange(n) if example_ids is None else example_ids.cpu()
+    budgets = sorted({e for e in grid if e > 0})
+    nb = len(budgets)
+    rel = step_size if step_size is not None else 2.5 / steps
+    eps64 = torch.tensor(budgets, dtype=torch.float64)
+    eps_dev = eps64.to(dev, x.dtype)
+    alpha_dev = torch.tensor([rel * e for e in budgets], dtype=torch.float64).to(dev, x.dtype)
+    direction = Threat(norm, 1.0).direction
+    if speculate is None:
+        speculate = dev.type != "cpu"
+    fwd = torch.zeros(nb, dtype=torch.long)
+    bwd = torch.zeros(nb, dtype=torch.long)
+    admitted = torch.zeros(nb, dtype=torch.long)
+    y = y.to(dev)
+
+    with PassCounter(model) as pc:
+        # the clean pass, shared by every budget (each separate run repeats it)
+        with torch.no_grad():
+            chunks = [model(x[b:b + batch_size]) for b in range(0, n, batch_size)]
+        clean_fwd = pc.fwd
+        logits = torch.cat(chunks) if chunks else torch.zeros(0, 1, device=dev)
+        clean_wrong = logits.argmax(1) != y if n else torch.zeros(0, dtype=torch.bool,
+                                                                    device=dev)
+        clean_loss = loss_fn(logits, y).detach() if n else torch.zeros(0, device=dev)
+        # per pair (budget k, example i): best point, its loss, fooled; status on the CPU
+        xb = x.unsqueeze(0).repeat(nb, *([1] * x.dim()))
+        best = clean_loss.unsqueeze(0).repeat(nb, 1)
+        fooled = torch.zeros(nb, n, dtype=torch.bool, device=dev)
+        status = torch.full((n, nb), PENDING, dtype=torch.int8)
+        if nb and n:  # misclassified clean: broken at every budget by x itself
+            wrong = clean_wrong.cpu()
+            fooled[0, wrong.to(dev)] = True
+            status[wrong, 0] = BROKEN
+            status[wrong, 1:] = DROPPED
+        # the active pairs: example, budget, step, restart (CPU) and current point
+        a_i = torch.zeros(0, dtype=torch.long)
+        a_k, a_t, a_r = a_i.clone(), a_i.clone(), a_i.clone()
+        a_x = x[:0].clone()
+        col = torch.arange(nb)
+
+        def starts(ii: torch.Tensor, kk: torch.Tensor, rr: torch.Tensor) -> torch.Tensor:
+            xa = x[ii.to(dev)]
+            if not random_start:
+                return xa.clone()
+            out = torch.empty_like(xa)
+            for r in rr.unique().tolist():
+                m = rr == r
+                out[m.to(dev)] = random_start_rows(norm, xa[m.to(dev)], ids[ii[m]], r, seed,
+                                                   eps64[kk[m]])
+            return out
+
+        def forward(xin: torch.Tensor, kk: torch.Tensor) -> torch.Tensor:
+            f0 = pc.fwd
+            out = model(xin)
+            fwd.add_(_split(pc.fwd - f0, torch.bincount(kk, minlength=nb)))
+            return out
+
+        while True:
+            while len(a_i) < batch_size:  # admit pending pairs: each example's next budget
+                pend = status == PENDING
+                has_p = pend.any(1)
+                if not bool(has_p.any()):
+                    break
+                nxt = pend.to(torch.uint8).argmax(1)
+                has_a = (status == ACTIVE).any(1)
+                cand = (has_p & ~has_a).nonzero().view(-1)
+                if speculate and len(cand) < batch_size - len(a_i):
+                    spec = (has_p & has_a).nonzero().view(-1)
+                    cand = torch.cat([cand, spec[nxt[spec].argsort(stable=True)]])
+                cand = cand[:batch_size - len(a_i)]
+                if len(cand) == 0:
+                    break
+                kk = nxt[cand]
+                status[cand, kk] = ACTIVE
+                admitted.add_(torch.bincount(kk, minlength=nb))
+                zero = torch.zeros(len(cand), dtype=torch.long)
+                a_x = torch.cat([a_x, starts(cand, kk, zero)])
+                a_i, a_k = torch.cat([a_i, cand]), torch.cat([a_k, kk])
+                a_t, a_r = torch.cat([a_t, zero]), torch.cat([a_r, zero])
+            if len(a_i) == 0:
+                break
+            i_d, k_d = a_i.to(dev), a_k.to(dev)
+            now = torch.zeros(len(a_i), dtype=torch.bool, device=dev)
+            final = a_t == steps
+            for last in (False, True):  # rows that step, then rows at their last iterate
+                m = final if last else ~final
+                if not bool(m.any()):
+                    continue
+                md = m.to(dev)
+                ii, kk = i_d[md], k_d[md]
+                xin = a_x[md].detach().requires_grad_(not last)
+                with torch.set_grad_enabled(not last):
+                    out = forward(xin, a_k[m])
+                    lv = loss_fn(out, y[ii])
+                nw = out.argmax(1) != y[ii]
+                before = fooled[kk, ii]
+                lvd = lv.detach()
+                better = (nw & ~before) | ((nw == before) & (lvd > best[kk, ii]))
+                xb[kk[better], ii[better]] = xin.detach()[better]
+                best[kk[better], ii[better]] = lvd[better]
+                fooled[kk, ii] = before | nw
+                now[md] = nw
+                if not last:
+                    b0 = pc.bwd
+                    grad, = torch.autograd.grad(lv.sum(), xin)
+                    bwd.add_(_split(pc.bwd - b0, torch.bincount(a_k[m], minlength=nb)))
+                    a_x[md] = project_rows(norm, xin.detach() + alpha_dev[kk].view(
+                        -1, *([1] * (x.dim() - 1))) * direction(grad), x[ii], eps_dev[kk])
+            a_t += 1
+            now_c = now.cpu()
+            last_restart = a_r + 1 >= restarts
+            done = final & last_restart
+            if early_stop:
+                done |= now_c
+            again = final & ~done
+            if bool(again.any()):  # the next restart of pairs that failed
+                a_r[again] += 1
+                a_t[again] = 0
+                a_x[again.to(dev)] = starts(a_i[again], a_k[again], a_r[again])
+            if bool(done.any()):  # check finished pairs as run_attack does
+                fi, fk = a_i[done], a_k[done]
+                fi_d, fk_d = fi.to(dev), fk.to(dev)
+                pts = project_rows(norm, xb[fk_d, fi_d], x[fi_d], eps_dev[fk_d])
+                with torch.no_grad():
+                    ok = forward(pts, fk).argmax(1) == y[fi_d]
+                xb[fk_d, fi_d] = pts
+                ok = ok.cpu()
+                status[fi, fk] = torch.where(ok, ROBUST, BROKEN).to(torch.int8)
+                if bool((~ok).any()):  # reuse: larger budgets of a broken example
+                    low = torch.full((n,), nb, dtype=torch.long)
+                    low.scatter_reduce_(0, fi[~ok], fk[~ok], "amin")
+                    above = col[None, :] > low[:, None]
+                    status[above & ((status == PENDING) | (status == ACTIVE))] = DROPPED
+                keep = status[a_i, a_k] == ACTIVE
+                kd = keep.to(dev)
+                a_i, a_k, a_t, a_r, a_x = a_i[keep], a_k[keep], a_t[keep], a_r[keep], a_x[kd]
+
+    # assemble one result per grid entry (running minimum over budgets)
+    passes = []
+    seen: set[float] = set()
+    for g, e in enumerate(grid):
+        f = b = 0
+        if e > 0 and e not in seen:
+            k = budgets.index(e)
+            f, b = int(fwd[k]), int(bwd[k])
+        seen.add(e)
+        if g == 0:
+            f += clean_fwd
+        passes.append((f, b))
+    total = sum(f + b for f, b in passes)
+    wall = time.perf_counter() - t_start
+    broken = status.cpu() == BROKEN
+    rows = torch.arange(n)
+    out: list[AttackResult] = []
+    for g, e in enumerate(grid):
+        f, b = passes[g]
+        sec = wall * (f + b) / total if total else wall / len(grid)
+        if e == 0:
+            res_x, succ = x.clone(), clean_wrong.cpu()
+            bl = torch.full((n,), float("nan"))
+            att = n if g == 0 else 0
+        else:
+            k = budgets.index(e)
+            upto = broken[:, :k + 1]
+            succ = upto.any(1)
+            first = torch.where(succ, upto.to(torch.uint8).argmax(1), torch.tensor(k))
+            res_x = xb[first.to(dev), rows.to(dev)]
+            bl = best[first.to(dev), rows.to(dev)].cpu()
+            if grid[0] == 0:  # broken at eps = 0: the clean point, as a separate run
+                bl[clean_wrong.cpu()] = float("nan")
+            att = int(admitted[k]) if e not in grid[:g] else 0
+        out.append(AttackResult(res_x, succ, bl, f, b, f, sec, [],
+                                {"attacked": att, "one_loop": True}))
+    return out
+
+
 @register_attack("pgd", kind="white-box", per_example_rng=True,
-                 fast_params={"steps": 10, "restarts": 1})
+                 fast_params={"steps": 10, "restarts": 1}, curve=pgd_grid)
 def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: Threat, *,
         steps: int = 50, step_size: float | None = None, restarts: int = 1,
         loss: str = "ce", random_start: bool = True, seed: int = 0,
@@ -166,7 +413,16 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: Threat, *,
     return AttackResult(xb, fooled, best)
 
 
-@register_attack("fgsm", kind="white-box", per_example_rng=True)
+def _fgsm_grid(model: nn.Module, x: torch.Tensor, y: torch.Tensor, norm: "str | Norm",
+               eps_grid: Sequence["str | float"], *, loss: str = "ce", batch_size: int = 500,
+               example_ids: torch.Tensor | None = None) -> list[AttackResult]:
+    """:func:`fgsm` at every budget of a grid in one loop (see :func:`pgd_grid`)."""
+    return pgd_grid(model, x, y, norm, eps_grid, steps=1, step_size=1.0, restarts=1,
+                    loss=loss, random_start=False, early_stop=True, batch_size=batch_size,
+                    example_ids=example_ids)
+
+
+@register_attack("fgsm", kind="white-box", per_example_rng=True, curve=_fgsm_grid)
 def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: Threat, *,
          loss: str = "ce", batch_size: int = 500) -> AttackResult:
     """One full-size step from the clean point (Goodfellow et al. 2015): ``x + eps *
@@ -182,13 +438,14 @@ def pgd_curve(model: nn.Module, x: torch.Tensor, y: torch.Tensor, norm: "str | N
               eps_grid: Sequence["str | float"], **params) -> list[AttackResult]:
     """PGD robust accuracy for every budget of a sorted grid in one pass.
 
-    An example broken at a budget stays broken at every larger budget (same
-    perturbation); only the still-robust examples are attacked at the next budget, each
-    with its own early exit.  Because random starts depend only on (seed, example id,
-    restart), the per-example outcome at budget k equals that of a separate
-    ``pgd`` run at budget k whenever the example survived all smaller budgets: the curve
-    is the per-example running minimum of separate runs (identical numbers whenever the
-    separate runs are monotone, as they are for a working attack).
+    Goes through :func:`robustness_curve`, which runs :func:`pgd_grid`: all budgets in
+    one batched loop of (example, budget) pairs, each with its own early exit; a pair
+    broken at a budget breaks the example at every larger budget with the same
+    perturbation (those pairs are dropped).  Because random starts depend only on
+    (seed, example id, restart), the per-example outcome at budget k equals that of a
+    separate ``pgd`` run at budget k whenever the example survived all smaller budgets:
+    the curve is the per-example running minimum of separate runs (identical numbers
+    whenever the separate runs are monotone, as they are for a working attack).
     Takes the parameters of :func:`pgd`.
     """
     return robustness_curve("pgd", model, x, y, norm, eps_grid, **params)

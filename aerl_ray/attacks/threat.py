@@ -9,6 +9,8 @@ Random starts are drawn per *example*, from a generator seeded by (seed, example
 restart).  The noise an example gets therefore does not depend on which other examples
 share its batch, which is what lets a many-budget pass that attacks only the still-robust
 subset reproduce separate per-budget runs exactly (see :func:`aerl_ray.attacks.pgd.pgd_curve`).
+:func:`project_rows` and :func:`random_start_rows` are the same operations with a radius
+per row, for the many-budget PGD loop that batches several budgets in one pass.
 """
 from __future__ import annotations
 
@@ -103,6 +105,47 @@ def per_example_noise(shape: tuple[int, ...], example_ids: torch.Tensor, restart
 def _flat_norm(t: torch.Tensor, norm: Norm) -> torch.Tensor:
     flat = t.reshape(t.shape[0], -1)
     return flat.abs().amax(1) if norm is Norm.LINF else flat.norm(dim=1)
+
+
+def _col(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A per-row (N,) tensor shaped to broadcast against ``like`` (N, ...)."""
+    return v.view(-1, *([1] * (like.dim() - 1)))
+
+
+def project_rows(norm: Norm, x_adv: torch.Tensor, x: torch.Tensor,
+                 eps: torch.Tensor) -> torch.Tensor:
+    """:meth:`Threat.project` with a radius per row (``eps`` (N,), best float64: it is
+    rounded to ``x_adv``'s dtype as the scalar is).  Bit-for-bit the same arithmetic as
+    the scalar version (``s / t`` is ``t.reciprocal() * s`` in PyTorch), so a row gets
+    the same point whichever way it is projected."""
+    delta = x_adv - x
+    e = _col(eps.to(delta.device, delta.dtype), delta)
+    if norm is Norm.LINF:
+        delta = torch.clamp(delta, -e, e)
+    else:
+        n = _col(_flat_norm(delta, Norm.L2), delta)
+        delta = delta * torch.clamp((n + GRAD_TINY).reciprocal() * e, max=1.0)
+    return (x + delta).clamp(0.0, 1.0)
+
+
+def random_start_rows(norm: Norm, x: torch.Tensor, example_ids: torch.Tensor, restart: int,
+                      seed: int, eps: torch.Tensor) -> torch.Tensor:
+    """:meth:`Threat.random_start` with a radius per row (``eps`` (N,) float64 on the CPU,
+    the exact budgets): row i is the start that a separate run at budget ``eps[i]`` draws
+    for that example, bit for bit."""
+    shape = tuple(x.shape)
+    eps32 = eps.to(torch.float32)  # float32 noise times a scalar rounds the scalar so
+    if norm is Norm.LINF:
+        noise = per_example_noise(shape, example_ids, restart, seed, "uniform")
+        delta = noise * _col(eps32, noise)
+    else:
+        g = per_example_noise(shape, example_ids, restart, seed, "normal")
+        d = g[0].numel()
+        u = per_example_noise((shape[0], 1), example_ids, restart + 1_000_003, seed)
+        r = ((u.view(-1) + 1) / 2).clamp_min(1e-12) ** (1.0 / d) * eps32
+        n = _flat_norm(g, Norm.L2).view(-1, *([1] * (g.dim() - 1)))
+        delta = g / (n + GRAD_TINY) * r.view(-1, *([1] * (g.dim() - 1)))
+    return project_rows(norm, x + delta.to(x.device, x.dtype), x, eps)
 
 
 @dataclass(frozen=True)
