@@ -23,7 +23,11 @@ temperature_sensitive      PGD on logits / T, T in {10, 100, 1000} (same predict
                            estimated; the largest change either way is in the detail)
 vanishing_gradients        fraction of examples whose loss input-gradient is non-finite
                            somewhere, or ||g|| < 1e-6 at every point of a PGD path from
-                           the random start, *and* that stay correctly classified > delta.
+                           the random start, *and* that stay correctly classified; flags
+                           when any gradient is non-finite, when exactly-zero gradients
+                           exceed delta, or when the fraction exceeds delta and some of
+                           those examples fall to another diagnostic attack (tiny non-zero
+                           gradients still move signed steps: alone they are no evidence).
                            Measured past the clean point: ~40% of clean digits points of
                            a confident model have ||g|| < 1e-6 (method.md) and still fall.
 attack_flags               any attack raised a flag (AutoAttack's own checks)
@@ -407,8 +411,12 @@ def _norm_checks(run: _Runner, model, xs, ys, ids, norm: Norm, eps: float,
     for k in others:
         hidden |= run.success[k]
     n_stuck, n_hidden = int(mask.sum()), int((mask & hidden).sum())
+    # Tiny but non-zero gradients still move signed (Linf) steps and are common in
+    # confident models; they are masking evidence only if the stuck examples are in fact
+    # breakable.  Exactly zero or non-finite gradients stop any gradient attack outright.
+    flag = nonfinite > 0 or zero > d or (stuck > d and n_hidden > 0)
     out["vanishing_gradients"] = _entry(
-        stuck, 0.0, d, stuck > d,
+        stuck, 0.0, d, flag,
         f"{stuck:.3f} of examples stay correct with ||g||<1e-6 at every point of a "
         f"{cfg.probe_steps}-step path (or a non-finite gradient: {nonfinite:.3f}; exactly "
         f"zero all along: {zero:.3f}); small at random start {start_small:.3f}, at clean "
