@@ -135,8 +135,7 @@ def final_diagnostics(run: R.RunDir, dispatcher, front: pd.DataFrame, level: str
             logger.warning("could not re-evaluate trial %s with %s diagnostics: %s",
                            row["trial_id"], level, e)
             continue
-        R.append_rows(run.evals, res["rows"])
-        R.append_rows(run.indicators, res["indicators"])
+        # the evaluation rows are the search's again (same seeds): only diagnostics change
         new = {k: (None if isinstance(v, float) and math.isnan(v) else v)
                for k, v in row.items()}
         new.update(masking_suspected=bool(res["masking_suspected"]),

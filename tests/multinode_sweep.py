@@ -4,6 +4,7 @@
 shared storage path.  Writes a JSON summary to OUT/summary.json."""
 import json
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -15,9 +16,17 @@ from aerl_ray.sweep import run_sweep
 
 out = Path(sys.argv[1])
 os.environ["AERL_SHARED_STORAGE"] = "1"  # one machine: the path is shared by construction
+
+
+def free_port() -> int:  # the test session's own Ray may hold the default dashboard port
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 cluster = Cluster(initialize_head=True,
                   head_node_args={"num_cpus": 2, "resources": {"train_driver": 4},
-                                  "include_dashboard": True})
+                                  "include_dashboard": True, "dashboard_port": free_port()})
 cluster.add_node(num_cpus=2)
 cluster.wait_for_nodes()
 ray.init(address=cluster.address, namespace="aerl", log_to_driver=False)

@@ -194,7 +194,9 @@ def diverged_run(ray_session, tmp_path_factory):
 
 def test_diverging_trial_fails_once_with_reason_and_stays_off_the_front(diverged_run):
     res, run_dir, _ = diverged_run
-    trials = R.read_table(R.RunDir(run_dir).trials)  # all rows: a retry would add one
+    rows = R.read_table(R.RunDir(run_dir).trials)  # all rows: a retry would add one
+    assert int((rows["p_lr"] > 1).sum()) == 1
+    trials = R.read_table(R.RunDir(run_dir).trials, key=R.TRIAL_KEY)
     assert len(trials) == 2
     bad = trials[trials["p_lr"] > 1]
     good = trials[trials["p_lr"] < 1]
