@@ -25,9 +25,10 @@ vanishing_gradients        fraction of examples whose loss input-gradient is non
                            somewhere, or ||g|| < 1e-6 at every point of a PGD path from
                            the random start, *and* that stay correctly classified; flags
                            when any gradient is non-finite, when exactly-zero gradients
-                           exceed delta, or when the fraction exceeds delta and some of
-                           those examples fall to another diagnostic attack (tiny non-zero
-                           gradients still move signed steps: alone they are no evidence).
+                           exceed delta, or when the fraction exceeds delta and the share of
+                           examples among them that fall to another diagnostic attack
+                           exceeds delta too (tiny non-zero gradients still move signed
+                           steps: alone they are no evidence).
                            Measured past the clean point: ~40% of clean digits points of
                            a confident model have ||g|| < 1e-6 (method.md) and still fall.
 attack_flags               any attack raised a flag (AutoAttack's own checks)
@@ -414,7 +415,8 @@ def _norm_checks(run: _Runner, model, xs, ys, ids, norm: Norm, eps: float,
     # Tiny but non-zero gradients still move signed (Linf) steps and are common in
     # confident models; they are masking evidence only if the stuck examples are in fact
     # breakable.  Exactly zero or non-finite gradients stop any gradient attack outright.
-    flag = nonfinite > 0 or zero > d or (stuck > d and n_hidden > 0)
+    hidden_frac = n_hidden / m  # accuracy these stuck-but-breakable examples overstate
+    flag = nonfinite > 0 or zero > d or (stuck > d and hidden_frac > delta((hidden_frac, m)))
     out["vanishing_gradients"] = _entry(
         stuck, 0.0, d, flag,
         f"{stuck:.3f} of examples stay correct with ||g||<1e-6 at every point of a "
