@@ -16,13 +16,6 @@ from tests.attack_fixtures import *  # noqa: F401,F403  (fixtures)
 GRIDS = {"linf": [0.0, 0.05, 0.15, 0.3], "l2": [0.0, 0.5, 2.0]}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small models run fastest single-threaded (and 2 threads thrash on a busy box)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def cheap_params(name: str, source: nn.Module) -> dict:

@@ -28,12 +28,6 @@ GRID = {"linf": ["0", "0.05", "0.1", "0.2"]}  # headline (middle non-zero) budge
 N = 64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 class Quantise(nn.Module):

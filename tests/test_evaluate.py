@@ -15,12 +15,6 @@ from tests.attack_fixtures import *  # noqa: F401,F403  (fixtures)
 GRID = {"linf": ["0", "4/255", "0.1", "0.3"]}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def small_plan(**kw) -> EvalPlan:

@@ -11,12 +11,6 @@ from aerl_ray.indicators import (adversarial_landscape, measure_indicators,
 from tests.attack_fixtures import *  # noqa: F401,F403  (fixtures)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def test_per_example_indicators_do_not_depend_on_batching(sl_model, digits):

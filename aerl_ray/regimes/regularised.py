@@ -40,7 +40,7 @@ def igr(model, x, y, ctx):
     (g,) = torch.autograd.grad(ce * x.shape[0], x, create_graph=True)
     penalty = g.pow(2).flatten(1).sum(1).mean()
     return ce + ctx.cfg.reg_lambda * penalty, {"logits": logits.detach(),
-                                               "grad_penalty": float(penalty)}
+                                               "grad_penalty": float(penalty.detach())}
 
 
 @REGIMES.register("jacobian")
@@ -54,4 +54,4 @@ def jacobian(model, x, y, ctx):
     (jv,) = torch.autograd.grad((logits * v).sum(), x, create_graph=True)
     frob = k * jv.pow(2).flatten(1).sum(1).mean()  # unbiased estimate of ||J||_F^2
     return ce + 0.5 * ctx.cfg.reg_lambda * frob, {"logits": logits.detach(),
-                                                  "jacobian_frob": float(frob)}
+                                                  "jacobian_frob": float(frob.detach())}
