@@ -82,16 +82,14 @@ class SweepEvaluator:
 
     def __init__(self, plan_spec: Mapping[str, Any], reference: dict | None, seed: int,
                  device: str = "cpu"):
-        from aerl_ray.attacks.transfer import TransferCache
         from aerl_ray.checkpoint import model_from_checkpoint
+        from aerl_ray.evaluate import Evaluator
 
         self.plan = plan_from_spec(plan_spec, reference is not None)
         if seed and "seed" not in plan_spec:
             self.plan = dataclasses.replace(self.plan, seed=seed)
         self.source = model_from_checkpoint(reference)[0] if reference is not None else None
-        self.cache = TransferCache()
-        self.device = device
-        self._data: dict[tuple, Any] = {}
+        self.base = Evaluator(device=device)  # its transfer cache and per-dataset test data
 
     def evaluate(self, ckpt: dict, meta: Mapping[str, Any]) -> dict:
         """Rows, indicators and diagnostics of one checkpoint.
@@ -101,17 +99,14 @@ class SweepEvaluator:
         check -> {value, reference, delta, flag, detail, ...} (aerl_ray.diagnostics);
         ``masking_suspected`` is True when any check (or any attack flag) fired.
         """
-        from aerl_ray.evaluate import load_test_data, run_evaluation
+        from aerl_ray.evaluate import run_evaluation
 
-        cfg = ckpt.get("config", {})
-        key = tuple(sorted((k, str(cfg.get(k))) for k in ("dataset", "cache_dir", "image_size")))
-        if key not in self._data:
-            self._data[key] = load_test_data(cfg)
+        data = self.base.test_data(ckpt.get("config", {}))
         t = time.perf_counter()
         ev = run_evaluation(
-            ckpt, self.plan, data=self._data[key], run_id=meta.get("run_id", ""),
-            trial_id=meta.get("trial_id", ""), cache=self.cache, source=self.source,
-            device=self.device, label=meta.get("checkpoint") or None,
+            ckpt, self.plan, data=data, run_id=meta.get("run_id", ""),
+            trial_id=meta.get("trial_id", ""), cache=self.base.cache, source=self.source,
+            device=self.base.device, label=meta.get("checkpoint") or None,
             source_label=REFERENCE_LABEL if self.source is not None else None,
             diagnostics=meta.get("diagnostics") or None)
         if ev.diagnostics is not None:

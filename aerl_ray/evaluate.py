@@ -41,6 +41,7 @@ from aerl_ray.checkpoint import CheckpointError, load_checkpoint, model_from_che
 from aerl_ray.diagnostics import DiagnosticsReport, run_diagnostics
 from aerl_ray.evalplan import DEFAULT_GRIDS, EvalPlan, EvalPlanError
 from aerl_ray.results import append_rows, config_hash, wilson_interval
+from aerl_ray.train import resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -80,12 +81,6 @@ def load_test_data(config: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tenso
     keys = ("dataset", "cache_dir", "image_size", "hf_dataset_id")
     splits = load_splits(DataConfig(**{k: config[k] for k in keys if k in config}))
     return splits.x_test, splits.y_test
-
-
-def _resolve_device(device: str | torch.device | None) -> torch.device:
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 # --- the evaluation -------------------------------------------------------------------------
@@ -149,7 +144,7 @@ def run_evaluation(target: "str | os.PathLike | dict | nn.Module", plan: EvalPla
     Raises:
         EvalPlanError, CheckpointError, AttackInputError: before any attack runs.
     """
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
     tgt = load_target(target, plan.model)
     if label is not None:
         tgt.label = label
@@ -267,20 +262,25 @@ class Evaluator:
         self._data: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self._sources: dict[str, nn.Module] = {}
 
+    def test_data(self, config: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The test split of a checkpoint's dataset, loaded once per dataset."""
+        key = tuple(sorted((k, str(config.get(k)))
+                           for k in ("dataset", "cache_dir", "image_size")))
+        if key not in self._data:
+            self._data[key] = load_test_data(config)
+        return self._data[key]
+
     def evaluate(self, target: "str | os.PathLike | dict", plan: EvalPlan, *,
                  run_id: str = "", trial_id: str = "") -> tuple[list[dict], list[dict]]:
         ckpt = target if isinstance(target, dict) else load_checkpoint(target)
-        cfg = ckpt.get("config", {})
-        key = tuple(sorted((k, str(cfg.get(k))) for k in ("dataset", "cache_dir", "image_size")))
-        if key not in self._data:
-            self._data[key] = load_test_data(cfg)
+        data = self.test_data(ckpt.get("config", {}))
         source = None
         if "transfer" in plan.attacks and plan.transfer_source:
             if plan.transfer_source not in self._sources:
                 self._sources[plan.transfer_source] = load_source(plan.transfer_source)[0]
             source = self._sources[plan.transfer_source]
         return evaluate_checkpoint(
-            ckpt, plan, data=self._data[key], run_id=run_id, trial_id=trial_id,
+            ckpt, plan, data=data, run_id=run_id, trial_id=trial_id,
             cache=self.cache, source=source, device=self.device,
             label=None if isinstance(target, dict) else str(target),
             source_label=_source_label(None, plan) if source is not None else None)

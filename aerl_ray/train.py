@@ -76,9 +76,11 @@ class FitResult:
     last_path: Path | None = None
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
+def resolve_device(name: str | torch.device | None) -> torch.device:
+    """``auto``/None: CUDA when available, else the CPU; ``cuda`` without one: an error."""
+    if name in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    name = str(name)
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError(f"device={name!r} requested but no CUDA device is available; "
                            "use --device cpu or auto")
