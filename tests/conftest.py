@@ -51,3 +51,18 @@ def ray_session(tmp_path_factory):
         ray.init(address="local", num_cpus=2, include_dashboard=True, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture
+def study_of():
+    """``study_of(run_dir)``: the Optuna study a sweep's run dir names in sweep.json."""
+    import json
+    from pathlib import Path
+
+    import optuna
+
+    def load(run_dir):
+        spec = json.loads((Path(run_dir) / "sweep.json").read_text())
+        return optuna.load_study(study_name=spec["study_name"], storage=spec["optuna_storage"])
+
+    return load

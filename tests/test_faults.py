@@ -32,11 +32,6 @@ QUICK = ROOT / "search_spaces" / "quickstart.yaml"
 pytestmark = [pytest.mark.faults, pytest.mark.ray]
 
 
-def study_of(run_dir):
-    spec = json.loads((Path(run_dir) / "sweep.json").read_text())
-    return optuna.load_study(study_name=spec["study_name"], storage=spec["optuna_storage"])
-
-
 def _process_named(pid: int, word: str) -> bool:
     """Only ever kill a process of this Ray whose command line names ``word``."""
     import ray  # noqa: F401 - ray ships psutil on sys.path
@@ -192,7 +187,7 @@ def diverged_run(ray_session, tmp_path_factory):
     return res, run_dir, time.time() - t0
 
 
-def test_diverging_trial_fails_once_with_reason_and_stays_off_the_front(diverged_run):
+def test_diverging_trial_fails_once_with_reason_and_stays_off_the_front(study_of, diverged_run):
     res, run_dir, _ = diverged_run
     rows = R.read_table(R.RunDir(run_dir).trials)  # all rows: a retry would add one
     assert int((rows["p_lr"] > 1).sum()) == 1
@@ -230,7 +225,7 @@ def test_diverging_trial_fails_once_with_reason_and_stays_off_the_front(diverged
     assert len(study.trials) == 2
 
 
-def test_diverging_torchtrainer_trial_is_not_retried(ray_session, tmp_path):
+def test_diverging_torchtrainer_trial_is_not_retried(study_of, ray_session, tmp_path):
     """TorchTrainer mode: the worker reports the divergence instead of raising (Ray Train
     would restart the worker group, Tune the trial); a sweep with no COMPLETE trial ends."""
     run_dir = tmp_path / "run"
@@ -263,7 +258,7 @@ def _damage(table: Path) -> None:
     (table / ".x.tmp").write_bytes(b"PAR1 half a row")  # a temp file never renamed
 
 
-def test_truncated_part_is_repaired_and_finished_sweep_resumes_quickly(diverged_run):
+def test_truncated_part_is_repaired_and_finished_sweep_resumes_quickly(study_of, diverged_run):
     res, run_dir, first_seconds = diverged_run
     run = R.RunDir(run_dir)
     before = {t: R.read_table(getattr(run, t)) for t in ("trials", "evals", "indicators")}

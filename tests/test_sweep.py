@@ -18,12 +18,7 @@ QUICK = ROOT / "search_spaces" / "quickstart.yaml"
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
-def study_of(run_dir):
-    spec = json.loads((Path(run_dir) / "sweep.json").read_text())
-    return optuna.load_study(study_name=spec["study_name"], storage=spec["optuna_storage"])
-
-
-def test_quickstart_smoke_end_to_end(ray_session, tmp_path):
+def test_quickstart_smoke_end_to_end(study_of, ray_session, tmp_path):
     res = run_sweep(QUICK, tmp_path / "run", smoke=True, verbose=0)
     run = R.RunDir(res.run_dir)
     trials = R.read_table(run.trials, key=R.TRIAL_KEY)
@@ -96,7 +91,7 @@ def _wait_for_rows(table: Path, n: int, timeout: float, proc) -> None:
     raise AssertionError(f"no trial finished within {timeout}s")
 
 
-def test_killed_driver_resumes_without_losing_or_repeating_trials(ray_session, tmp_path):
+def test_killed_driver_resumes_without_losing_or_repeating_trials(study_of, ray_session, tmp_path):
     run_dir = tmp_path / "run"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
