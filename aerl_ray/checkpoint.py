@@ -8,8 +8,10 @@ A checkpoint is a dict of tensors and plain Python values (no pickled objects):
 - ``dataset_info``: num_classes, in_channels, image_size, mean, std
 - ``epoch``, ``metrics`` (of that epoch), ``seed``, ``versions`` (python, torch, ray, ...),
   ``git_rev``
-- ``train_state`` (``last.pt`` only): optimiser, scheduler, RNG states and pass counters,
-  for resuming after a crash.
+- ``train_state`` (``last.pt`` only): optimiser, scheduler, RNG states, pass counters and
+  the selection state, for resuming after a crash.
+- ``selection`` (``best.pt``): why this epoch was kept (:mod:`aerl_ray.selection`): rule,
+  metric values, candidate epochs, the regime that produced it and a ``reason`` sentence.
 """
 from __future__ import annotations
 
@@ -18,7 +20,6 @@ import functools
 import importlib.metadata
 import logging
 import os
-import pickle
 import platform
 import re
 import subprocess
@@ -31,6 +32,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 FORMAT = "aerl_ray.checkpoint/1"
+REQUIRED = ("model_state", "config", "dataset_info", "epoch")
 
 
 class CheckpointError(RuntimeError):
@@ -79,7 +81,7 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
 
 
 def make_checkpoint(model: torch.nn.Module, config: dict, info, epoch: int, metrics: dict,
-                    train_state: dict | None = None) -> dict:
+                    train_state: dict | None = None, selection: dict | None = None) -> dict:
     model = getattr(model, "module", model)  # DDP
     ckpt = {
         "format": FORMAT,
@@ -94,19 +96,25 @@ def make_checkpoint(model: torch.nn.Module, config: dict, info, epoch: int, metr
     }
     if train_state is not None:
         ckpt["train_state"] = train_state
+    if selection is not None:
+        ckpt["selection"] = selection
     return ckpt
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
     """Load without executing code (``weights_only=True``); clear errors otherwise."""
     path = Path(path)
+    if path.is_dir():
+        hint = [q.name for q in (path / "best.pt", path / "last.pt") if q.is_file()]
+        raise CheckpointError(f"{path} is a directory, not a checkpoint file; give the .pt file "
+                              "inside it" + (f" (it holds {', '.join(hint)})" if hint else
+                                             ", e.g. RUN/best.pt written by aerl_ray.train"))
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist (expected a .pt file written "
                               "by aerl_ray.train, e.g. RUN/best.pt)")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, TypeError,
-            AttributeError) as e:
+    except Exception as e:  # noqa: BLE001 - any failure to read is a damaged/foreign file
         raise CheckpointError(
             f"could not load {path} safely ({type(e).__name__}: {_load_reason(e)}); the file is "
             "truncated, corrupted or contains code/objects other than tensors and plain "
@@ -114,7 +122,14 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not an aerl_ray checkpoint (format "
                               f"{ckpt.get('format') if isinstance(ckpt, dict) else type(ckpt)!r}, "
-                              f"expected {FORMAT!r})")
+                              f"expected {FORMAT!r}); give a best.pt or last.pt written by "
+                              "aerl_ray.train")
+    missing = [k for k in REQUIRED if k not in ckpt]
+    bad = [k for k in ("model_state", "config", "dataset_info")
+           if k in ckpt and not isinstance(ckpt[k], dict)]
+    if missing or bad:
+        raise CheckpointError(f"{path} is a damaged aerl_ray checkpoint (missing {missing}, "
+                              f"malformed {bad}); re-create it with aerl_ray.train")
     return ckpt
 
 

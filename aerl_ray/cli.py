@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import enum
+import re
 import logging
 import typing
 from typing import Any
@@ -47,6 +48,24 @@ def _owner(name: str) -> str:
         _FLAT_OWNER[name]]
 
 
+_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+
+
+def normalize_argv(argv: list[str] | None) -> list[str]:
+    """``--lr -1e-3`` -> ``--lr=-1e-3``: argparse takes a negative number in scientific
+    notation for an option, so the config's own check ("lr must be > 0") can answer."""
+    import sys
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    out: list[str] = []
+    for a in args:
+        if out and _NUMBER.match(a) and out[-1].startswith("--") and "=" not in out[-1]:
+            out[-1] = f"{out[-1]}={a}"
+        else:
+            out.append(a)
+    return out
+
+
 def config_from_args(ns: argparse.Namespace) -> TrainConfig:
     values = {k: getattr(ns, k) for k in flat_fields()}
     return TrainConfig.from_flat(values)
@@ -62,4 +81,5 @@ def fail(parser: argparse.ArgumentParser, err: Exception) -> typing.NoReturn:
     parser.exit(2, f"{parser.prog}: error: {err}\n")
 
 
-__all__ = ["add_config_arguments", "config_from_args", "setup_logging", "fail", "ConfigError"]
+__all__ = ["add_config_arguments", "config_from_args", "normalize_argv", "setup_logging",
+           "fail", "ConfigError"]

@@ -64,7 +64,11 @@ class DataConfig:
                          default="digits")
     cache_dir: str = _help("where downloaded/converted datasets are cached "
                            "(default $AERL_DATA_DIR or ~/.cache/aerl_ray)", default="")
-    val_fraction: float = _help("stratified validation split taken from train", default=0.1)
+    val_fraction: float = _help("stratified validation split taken from train (fraction; "
+                                "see val_size)", default=0.1)
+    val_size: int = _help("validation images taken from train (a count; 0 = use "
+                          "val_fraction).  Validation picks checkpoints and drives the "
+                          "search; test is only read to confirm", default=0)
     split_seed: int = _help("seed of the train/validation split (fixed across trials)",
                             default=0)
     augment: bool = _help("random h/v flips + 10%% translation on the training batches",
@@ -84,6 +88,8 @@ class DataConfig:
                 raise ConfigError(f"{e}; or use npz:PATH for your own file") from None
         _require(0.0 < self.val_fraction < 1.0,
                  f"val_fraction={self.val_fraction} must be in (0, 1)")
+        _require(self.val_size >= 0, f"val_size={self.val_size} must be >= 0 (0 = use "
+                                     "val_fraction)")
         _require(self.train_limit >= 0, f"train_limit={self.train_limit} must be >= 0")
         _require(self.image_size >= 8, f"image_size={self.image_size} must be >= 8")
 
@@ -169,6 +175,17 @@ class TrainConfig:
     device: str = _help("auto, cpu or cuda[:N]", default="auto")
     eval_batch_size: int = _help("batch size for validation/test passes", default=512)
     deterministic: bool = _help("use deterministic torch algorithms", default=True)
+    select: str = _help("which epoch to keep: auto (robust for adversarial/hybrid regimes "
+                        "when a budget is known, else clean), last, clean (best clean val "
+                        "acc) or robust (best val acc under a cheap PGD); only epochs of "
+                        "the final regime count",
+                        default="auto")
+    select_norm: str = _help("norm of the robust selection PGD (linf or l2)", default="linf")
+    select_eps: float = _help("budget of the robust selection PGD (0 = the adversarial "
+                              "regime's adv_eps)", default=0.0)
+    select_steps: int = _help("steps of the robust selection PGD", default=10)
+    select_n: int = _help("robust selection on the first N validation images (0 = all)",
+                          default=256)
 
     def __post_init__(self) -> None:
         _require(self.epochs >= 1, f"epochs={self.epochs} must be >= 1")
@@ -184,7 +201,19 @@ class TrainConfig:
         _require(self.eval_batch_size >= 1, "eval_batch_size must be >= 1")
         _require(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
                  f"device={self.device!r} must be auto, cpu or cuda[:N]")
+        _require(self.select in ("auto", "last", "clean", "robust"),
+                 f"select={self.select!r} must be auto, last, clean or robust")
+        _require(self.select_norm.lower() in ("linf", "l2"),
+                 f"select_norm={self.select_norm!r} must be linf or l2")
+        _require(self.select_eps >= 0, f"select_eps={self.select_eps} must be >= 0")
+        _require(self.select_steps >= 1, f"select_steps={self.select_steps} must be >= 1")
+        _require(self.select_n >= 0, f"select_n={self.select_n} must be >= 0 (0 = all)")
         r = self.regime
+        adversarial = r.regime.endswith("_adv") or (r.regime == "hybrid"
+                                                    and r.start_adv_epoch >= 0)
+        _require(not (self.select == "robust" and self.select_eps == 0 and not adversarial),
+                 f"select=robust needs a PGD budget: set select_eps (e.g. 0.1 or 8/255 as a "
+                 f"number) for regime {r.regime!r}, which has no training budget to use")
         if r.regime == "hybrid":
             _require(1 <= r.switch_epoch < self.epochs,
                      f"switch_epoch={r.switch_epoch} must be in [1, epochs={self.epochs}) "

@@ -12,7 +12,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
@@ -192,7 +192,11 @@ def dataset_arrays(cfg) -> tuple[dict[str, np.ndarray], DatasetInfo]:
 
 @dataclass
 class Splits:
-    """Float tensors in [0, 1], NCHW, on the CPU; labels int64."""
+    """Float tensors in [0, 1], NCHW, on the CPU; labels int64.
+
+    ``idx_val`` / ``idx_train`` index the dataset's train arrays and ``idx_test`` its test
+    arrays: which images each split holds (tests assert that the search never reads a test
+    index)."""
 
     x_train: torch.Tensor
     y_train: torch.Tensor
@@ -201,27 +205,94 @@ class Splits:
     x_test: torch.Tensor
     y_test: torch.Tensor
     info: DatasetInfo
+    idx_train: np.ndarray | None = None
+    idx_val: np.ndarray | None = None
+    idx_test: np.ndarray | None = None
 
 
 def to_tensor(x: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(x).permute(0, 3, 1, 2).float().div_(255.0).contiguous()
 
 
-def load_splits(cfg) -> Splits:
-    """Load a dataset and split off a stratified validation set with ``cfg.split_seed``."""
+SPLIT_KEYS = ("dataset", "cache_dir", "val_fraction", "val_size", "split_seed", "image_size",
+              "hf_dataset_id")
+
+
+def split_config(config: Mapping[str, Any]):
+    """The DataConfig that reproduces a run's splits from its flat config (a checkpoint's
+    ``config``): every setting the split depends on, and nothing else."""
+    from aerl_ray.config import DataConfig
+
+    return DataConfig(**{k: config[k] for k in SPLIT_KEYS if k in config})
+
+
+def check_arrays(arrays: Mapping[str, np.ndarray], name: str) -> None:
+    """Labels must be integers 0..K-1 with every class in the training data, and each
+    array pair the same length; raises DatasetUnavailableError naming the problem."""
+    for xs, ys in (("X_train", "y_train"), ("X_test", "y_test")):
+        x, y = arrays[xs], arrays[ys]
+        if y.ndim != 1 or len(y) != len(x):
+            raise DatasetUnavailableError(f"{name}: {ys} must be a vector with one label per "
+                                          f"image of {xs} ({len(x)}); got shape {y.shape}")
+        if not np.issubdtype(y.dtype, np.integer):
+            raise DatasetUnavailableError(f"{name}: {ys} must hold integer class labels, got "
+                                          f"{y.dtype}")
+        if len(y) and y.min() < 0:
+            raise DatasetUnavailableError(f"{name}: {ys} has negative labels; use 0..K-1")
+    if arrays["X_train"].shape[1:] != arrays["X_test"].shape[1:]:
+        raise DatasetUnavailableError(f"{name}: train and test images differ in shape "
+                                      f"({arrays['X_train'].shape[1:]} vs "
+                                      f"{arrays['X_test'].shape[1:]})")
+    k = int(arrays["y_train"].max()) + 1 if len(arrays["y_train"]) else 0
+    present = np.unique(arrays["y_train"])
+    if len(present) != k:
+        missing = sorted(set(range(k)) - set(present.tolist()))
+        raise DatasetUnavailableError(f"{name}: classes {missing[:10]} have no training image "
+                                      f"(labels must be 0..{k - 1}, each present)")
+    if len(arrays["y_test"]) and int(arrays["y_test"].max()) >= k:
+        raise DatasetUnavailableError(f"{name}: y_test has labels >= {k}, the number of "
+                                      "classes in y_train")
+
+
+def split_indices(y: np.ndarray, cfg) -> tuple[np.ndarray, np.ndarray]:
+    """The stratified, seeded (train, val) index split of the training labels: the one
+    function that decides which images validate.  Raises DatasetUnavailableError (before
+    any training) when the validation size leaves a class out of either part."""
     from sklearn.model_selection import train_test_split
 
+    n, k = len(y), len(np.unique(y))
+    size = int(cfg.val_size) if getattr(cfg, "val_size", 0) else float(cfg.val_fraction)
+    n_val = size if isinstance(size, int) else int(np.ceil(size * n))
+    what = f"val_size={size}" if isinstance(size, int) else f"val_fraction={size}"
+    if n_val < k or n - n_val < k:
+        raise DatasetUnavailableError(
+            f"{cfg.dataset}: {what} gives {n_val} validation and {n - n_val} training images "
+            f"for {k} classes, which leaves a class out of one split; use a validation size "
+            f"between {k} and {n - k} images")
+    counts = np.bincount(y)
+    if counts[counts > 0].min() < 2:
+        raise DatasetUnavailableError(f"{cfg.dataset}: a class has a single training image; "
+                                      "it cannot appear in both train and validation")
+    idx = np.arange(n)
+    tr, va = train_test_split(idx, test_size=size, random_state=cfg.split_seed, stratify=y)
+    return np.sort(tr), np.sort(va)
+
+
+def load_splits(cfg) -> Splits:
+    """Load a dataset and split off a stratified validation set with ``cfg.split_seed``."""
     arrays, info = dataset_arrays(cfg)
-    x, y = arrays["X_train"], arrays["y_train"].astype(np.int64)
-    x_tr, x_va, y_tr, y_va = train_test_split(x, y, test_size=cfg.val_fraction,
-                                              random_state=cfg.split_seed, stratify=y)
-    if cfg.train_limit and cfg.train_limit < len(y_tr):
-        x_tr, y_tr = x_tr[:cfg.train_limit], y_tr[:cfg.train_limit]
-    logger.info("dataset %s: %d train, %d val, %d test, %d classes", info.name, len(y_tr),
-                len(y_va), len(arrays["y_test"]), info.num_classes)
-    return Splits(to_tensor(x_tr), torch.from_numpy(y_tr), to_tensor(x_va),
-                  torch.from_numpy(y_va), to_tensor(arrays["X_test"]),
-                  torch.from_numpy(arrays["y_test"].astype(np.int64)), info)
+    check_arrays(arrays, cfg.dataset)
+    y = arrays["y_train"].astype(np.int64)
+    tr, va = split_indices(y, cfg)
+    if cfg.train_limit and cfg.train_limit < len(tr):
+        tr = tr[:cfg.train_limit]
+    x = arrays["X_train"]
+    logger.info("dataset %s: %d train, %d val, %d test, %d classes", info.name, len(tr),
+                len(va), len(arrays["y_test"]), info.num_classes)
+    return Splits(to_tensor(x[tr]), torch.from_numpy(y[tr]), to_tensor(x[va]),
+                  torch.from_numpy(y[va]), to_tensor(arrays["X_test"]),
+                  torch.from_numpy(arrays["y_test"].astype(np.int64)), info,
+                  tr, va, np.arange(len(arrays["y_test"])))
 
 
 def augment(x: torch.Tensor, generator: torch.Generator, translate: float = 0.1) -> torch.Tensor:

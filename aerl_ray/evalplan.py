@@ -16,6 +16,10 @@ from aerl_ray.attacks import ATTACKS, Norm, parse_eps, parse_eps_grid
 from aerl_ray.attacks import autoattack as aa_mod
 
 DIAGNOSTIC_LEVELS = ("off", "cheap", "full")  # see aerl_ray.diagnostics
+SPLITS = ("val", "test")
+REMOVED = {"autoattack_n": "every attack of an evaluation runs on the same n images (so "
+                           "their numbers compare per example); lower n, or restrict "
+                           "AutoAttack to the headline budget with attack_grids"}
 DEFAULT_GRIDS = {"linf": ("0", "1/255", "2/255", "4/255", "8/255", "16/255"),
                  "l2": ("0", "0.125", "0.25", "0.5", "1.0", "2.0")}
 
@@ -45,14 +49,19 @@ class EvalPlan:
         attacks: registry names (``pgd``, ``fgsm``, ``autoattack``, ``square``, ``transfer``).
         grids: norm -> budget grid (sorted; strings such as "8/255" keep their spelling in
             the rows); a mapping or pairs.
-        n: evaluate the first n test images (0 = all).
+        n: evaluate the first n images of the split (0 = all).  Every attack runs on the
+            same n images, so the attacks of one table are comparable per example.
+        split: ``test`` (the untouched test split: the evaluate CLI, a sweep's confirmation
+            stage) or ``val`` (the validation split: a sweep's search objectives, so the
+            search never selects on test).
         batch_size: examples per forward pass.
         seed: seed of every attack.
         attack_params: attack name -> parameters (e.g. {"pgd": {"steps": 100}}).
         autoattack_version: ``standard``, ``plus``, ``rand`` or ``custom``.
         autoattack_attacks: sub-attacks for ``custom`` (e.g. apgd-ce, apgd-t).
-        autoattack_n: run AutoAttack on the first ``autoattack_n`` of the n images only
-            (it dominates the cost; 0 = all n).
+        attack_grids: attack -> {norm: budgets}: run that attack only at these budgets of
+            the grid (e.g. AutoAttack at the headline budget only: it dominates the cost);
+            the other attacks run the whole grid.
         transfer_source: checkpoint the transfer attack crafts on (e.g. an SL reference).
         model: expected architecture of the checkpoint ("" = any).
         indicators: measure gradient indicators on a CE-PGD trajectory per norm.
@@ -75,7 +84,8 @@ class EvalPlan:
     attack_params: Any = ()
     autoattack_version: str = "standard"
     autoattack_attacks: tuple[str, ...] = ()
-    autoattack_n: int = 0
+    split: str = "test"
+    attack_grids: Any = ()
     transfer_source: str = ""
     model: str = ""
     indicators: bool = True
@@ -118,10 +128,28 @@ class EvalPlan:
             err(f"n={self.n} must be >= 0 (0 = the whole test set)")
         if self.batch_size < 1:
             err(f"batch_size={self.batch_size} must be >= 1")
-        if self.autoattack_n < 0:
-            err(f"autoattack_n={self.autoattack_n} must be >= 0")
-        if self.autoattack_n and self.n and self.autoattack_n > self.n:
-            err(f"autoattack_n={self.autoattack_n} exceeds n={self.n}")
+        if self.split not in SPLITS:
+            err(f"split={self.split!r}; evaluate on one of: {', '.join(SPLITS)}")
+        sub = []
+        for name, per_norm in _freeze(self.attack_grids):
+            if name not in attacks:
+                err(f"attack_grids names {name!r}, which is not among the attacks {attacks}")
+            for norm, eps in per_norm:
+                try:
+                    nrm = Norm.parse(norm).value
+                    vals = [parse_eps(e) for e in (eps if isinstance(eps, tuple) else (eps,))]
+                except ValueError as e:
+                    err(f"attack_grids.{name}: {e}")
+                grid = dict(grids).get(nrm)
+                if grid is None:
+                    err(f"attack_grids.{name}: norm {nrm} has no grid")
+                missing = [v for v in vals if not any(abs(v - parse_eps(g)) < 1e-9 for g in grid)]
+                if missing:
+                    err(f"attack_grids.{name}.{nrm}: budgets {missing} are not in the "
+                        f"{nrm} grid {list(grid)}")
+                sub.append((name, nrm, tuple(g for g in grid
+                                             if any(abs(v - parse_eps(g)) < 1e-9 for v in vals))))
+        object.__setattr__(self, "attack_grids", tuple(sub))
         if self.indicator_steps < 1:
             err(f"indicator_steps={self.indicator_steps} must be >= 1")
         params = _freeze(self.attack_params)
@@ -181,8 +209,13 @@ class EvalPlan:
                       else v) for k, v in self.params_for_raw(name)})
         return p
 
-    def eps_grid(self, norm: str) -> tuple[str, ...]:
-        return dict(self.grids)[Norm.parse(norm).value]
+    def eps_grid(self, norm: str, attack: str | None = None) -> tuple[str, ...]:
+        """The budgets of ``norm`` (of ``attack``, when attack_grids restricts it)."""
+        nrm = Norm.parse(norm).value
+        for name, n, grid in self.attack_grids:
+            if name == attack and n == nrm:
+                return grid
+        return dict(self.grids)[nrm]
 
     def indicator_budget(self, norm: str) -> str | None:
         """The budget of the indicator trajectory for ``norm`` (None: no non-zero budget)."""

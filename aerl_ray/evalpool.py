@@ -25,25 +25,30 @@ import ray
 
 logger = logging.getLogger(__name__)
 
-# keys of a space's evaluation: section that are not EvalPlan fields: the pool's size and
-# the diagnostics level of the final re-evaluation of the Pareto trials (off/cheap/full)
-POOL_KEYS = {"actors", "cpus_per_actor", "gpus_per_actor", "final_diagnostics"}
+# keys of a space's evaluation: section that are not EvalPlan fields: the pool's size
+POOL_KEYS = {"actors", "cpus_per_actor", "gpus_per_actor"}
 REFERENCE_LABEL = "sl_reference"
+SEARCH_PLAN, CONFIRM_PLAN = "search", "confirm"
 
 
-def plan_from_spec(ev: Mapping[str, Any], has_reference: bool):
+def plan_from_spec(ev: Mapping[str, Any], has_reference: bool, split: str = "val"):
     """The :class:`~aerl_ray.evaluate.EvalPlan` of a space file's ``evaluation:`` section
     (its keys are EvalPlan fields plus the pool's ``actors``/``cpus_per_actor``/
-    ``gpus_per_actor``).  ``transfer`` crafts on the sweep's ``reference:`` model."""
+    ``gpus_per_actor``), on ``split`` (the search: validation).  ``transfer`` crafts on the
+    sweep's ``reference:`` model."""
+    from aerl_ray.evalplan import REMOVED
     from aerl_ray.evaluate import EvalPlan, EvalPlanError
 
     fields = {f.name for f in dataclasses.fields(EvalPlan)}
+    for k in set(ev) & set(REMOVED):
+        raise EvalPlanError(f"{k} was removed: {REMOVED[k]}")
     unknown = set(ev) - fields - POOL_KEYS
     if unknown:
         raise EvalPlanError(f"unknown key(s) {sorted(unknown)}; known: "
                             f"{', '.join(sorted(fields | POOL_KEYS))}")
     kw = {k: v for k, v in ev.items() if k in fields}
     kw.setdefault("diagnostics", "cheap")  # every sweep trial gets the masking diagnostics
+    kw["split"] = split
     attacks = kw.get("attacks", ("pgd",))
     attacks = attacks.split(",") if isinstance(attacks, str) else list(attacks)
     if "transfer" in attacks and not kw.get("transfer_source"):
@@ -54,9 +59,48 @@ def plan_from_spec(ev: Mapping[str, Any], has_reference: bool):
         kw["transfer_source"] = REFERENCE_LABEL
     if int(ev.get("actors", 1)) < 1:
         raise EvalPlanError("actors must be >= 1")
-    if ev.get("final_diagnostics", "full") not in ("off", "cheap", "full"):
-        raise EvalPlanError("final_diagnostics must be off, cheap or full")
     return EvalPlan(**kw)
+
+
+def headline_budgets(spec) -> dict[str, list[str]]:
+    """norm -> budgets of the robust objectives (the "headline" budgets)."""
+    from aerl_ray.attacks.threat import Norm
+
+    out: dict[str, list[str]] = {}
+    for o in spec.objectives:
+        if o.attack is not None:
+            out.setdefault(Norm.parse(o.norm).value.lower(), []).append(str(o.eps))
+    return out
+
+
+def confirm_plan_spec(spec) -> dict[str, Any]:
+    """The confirmation stage's evaluation section: the search plan on the test split with
+    AutoAttack ``standard`` at the headline budgets (added if the search did not run it),
+    full masking diagnostics and ``confirm.n`` test images, then ``confirm.evaluation``'s
+    overrides."""
+    from aerl_ray.space import apply_overrides
+
+    ev = {k: v for k, v in dict(spec.evaluation).items() if k not in POOL_KEYS}
+    c = spec.confirm
+    attacks = ev.get("attacks", ["pgd"])
+    attacks = attacks.split(",") if isinstance(attacks, str) else list(attacks)
+    if "autoattack" not in attacks:
+        attacks.append("autoattack")
+    params = {k: dict(v) for k, v in dict(ev.get("attack_params") or {}).items()
+              if k != "autoattack"}  # the search's cheap AutoAttack settings do not carry over
+    head = headline_budgets(spec)
+    grids = dict(ev.get("grids") or {"linf": ["0", "8/255"]})
+    base = {**ev, "attacks": attacks, "attack_params": params,
+            "autoattack_version": "standard", "autoattack_attacks": [],
+            "diagnostics": "full", "n": int(c.get("n") or ev.get("n", 1000))}
+    if head:
+        base["attack_grids"] = {"autoattack": {k: v for k, v in head.items() if k in
+                                               {str(g).lower() for g in grids}}}
+    return apply_overrides(base, c.get("evaluation") or {})
+
+
+def confirm_plan_from_spec(spec):
+    return plan_from_spec(confirm_plan_spec(spec), bool(spec.reference), split="test")
 
 
 def check_objective(plan, attack: str, norm: str | None, eps: str | None) -> None:
@@ -78,37 +122,45 @@ def check_objective(plan, attack: str, norm: str | None, eps: str | None) -> Non
 
 
 class SweepEvaluator:
-    """Evaluates a trial's checkpoint dict; the transfer source is the sweep's reference."""
+    """Evaluates a trial's checkpoint dict with the plan of its phase (search: validation;
+    confirm: test); the transfer source is the sweep's reference."""
 
-    def __init__(self, plan_spec: Mapping[str, Any], reference: dict | None, seed: int,
-                 device: str = "cpu"):
+    def __init__(self, plans: Mapping[str, Mapping[str, Any]], reference: dict | None,
+                 seed: int, device: str = "cpu"):
         from aerl_ray.checkpoint import model_from_checkpoint
         from aerl_ray.evaluate import Evaluator
 
-        self.plan = plan_from_spec(plan_spec, reference is not None)
-        if seed and "seed" not in plan_spec:
-            self.plan = dataclasses.replace(self.plan, seed=seed)
+        self.plans = {}
+        for phase, spec in plans.items():
+            plan = plan_from_spec(spec, reference is not None,
+                                  split="test" if phase == CONFIRM_PLAN else "val")
+            if seed and "seed" not in spec:
+                plan = dataclasses.replace(plan, seed=seed)
+            self.plans[phase] = plan
+        self.plan = self.plans[SEARCH_PLAN]
         self.source = model_from_checkpoint(reference)[0] if reference is not None else None
-        self.base = Evaluator(device=device)  # its transfer cache and per-dataset test data
+        self.base = Evaluator(device=device)  # its transfer cache and per-split data
 
     def evaluate(self, ckpt: dict, meta: Mapping[str, Any]) -> dict:
         """Rows, indicators and diagnostics of one checkpoint.
 
-        ``meta["diagnostics"]`` (``off``/``cheap``/``full``) overrides the plan's level,
-        e.g. ``full`` when re-evaluating the final Pareto trials.  ``diagnostics`` maps
+        ``meta["phase"]`` picks the plan (``search`` or ``confirm``); ``meta["diagnostics"]``
+        (``off``/``cheap``/``full``) overrides the plan's level.  ``diagnostics`` maps
         check -> {value, reference, delta, flag, detail, ...} (aerl_ray.diagnostics);
         ``masking_suspected`` is True when any check (or any attack flag) fired.
         """
         from aerl_ray.evaluate import run_evaluation
 
-        data = self.base.test_data(ckpt.get("config", {}))
+        phase = meta.get("phase") or SEARCH_PLAN
+        plan = self.plans[phase]
+        data = self.base.eval_data(ckpt.get("config", {}), plan.split)
         t = time.perf_counter()
         ev = run_evaluation(
-            ckpt, self.plan, data=data, run_id=meta.get("run_id", ""),
+            ckpt, plan, data=data, run_id=meta.get("run_id", ""),
             trial_id=meta.get("trial_id", ""), cache=self.base.cache, source=self.source,
             device=self.base.device, label=meta.get("checkpoint") or None,
             source_label=REFERENCE_LABEL if self.source is not None else None,
-            diagnostics=meta.get("diagnostics") or None)
+            diagnostics=meta.get("diagnostics") or None, phase=phase)
         if ev.diagnostics is not None:
             diag = ev.diagnostics.to_dict()
             suspected = ev.diagnostics.masking_suspected
@@ -120,7 +172,7 @@ class SweepEvaluator:
             suspected = bool(flags)
         return {"rows": ev.rows, "indicators": ev.indicators,
                 "seconds": time.perf_counter() - t, "diagnostics": diag,
-                "diagnostics_level": meta.get("diagnostics") or self.plan.diagnostics,
+                "diagnostics_level": meta.get("diagnostics") or plan.diagnostics,
                 "masking_suspected": bool(suspected)}
 
 
@@ -128,12 +180,12 @@ class SweepEvaluator:
 class EvaluatorActor:
     """Holds an :class:`aerl_ray.evaluate.Evaluator` (plan, reference model, caches)."""
 
-    def __init__(self, plan_spec: dict, reference: dict | None, seed: int):
+    def __init__(self, plans: dict, reference: dict | None, seed: int):
         import torch
 
         gpus = ray.get_runtime_context().get_assigned_resources().get("GPU", 0)
         device = "cuda" if gpus and torch.cuda.is_available() else "cpu"
-        self.evaluator = SweepEvaluator(plan_spec, reference, seed, device)
+        self.evaluator = SweepEvaluator(plans, reference, seed, device)
         self.jobs = 0
 
     def evaluate(self, ckpt: dict, meta: dict) -> dict:
@@ -154,9 +206,9 @@ class EvalDispatcher:
     """Async actor: many trials call :meth:`evaluate` concurrently; each call borrows one
     idle evaluator and returns it afterwards."""
 
-    def __init__(self, n: int, plan_spec: dict, reference_ref: list | None, seed: int,
+    def __init__(self, n: int, plans: dict, reference_ref: list | None, seed: int,
                  actor_options: dict, max_attempts: int = 3):
-        self.plan_spec, self.seed = plan_spec, seed
+        self.plans, self.seed = plans, seed
         self.reference_ref = reference_ref[0] if reference_ref else None
         self.options = actor_options
         self.max_attempts = max_attempts
@@ -168,7 +220,7 @@ class EvalDispatcher:
 
     def _new_actor(self, i: int):
         return EvaluatorActor.options(**self.options).remote(
-            self.plan_spec, self.reference_ref, self.seed)
+            self.plans, self.reference_ref, self.seed)
 
     async def evaluate(self, ckpt_ref: list, meta: dict) -> dict:
         """Evaluate one checkpoint (passed as ``[ObjectRef]`` so it is not copied here)."""
@@ -199,13 +251,14 @@ class EvalDispatcher:
         return list(self.actors)
 
 
-def start_pool(name: str, namespace: str, n: int, plan_spec: dict, reference: dict | None,
+def start_pool(name: str, namespace: str, n: int, plans: dict, reference: dict | None,
                seed: int, cpus: float, gpus: float):
-    """Create the named dispatcher (and its evaluators); returns the handle."""
+    """Create the named dispatcher (and its evaluators); returns the handle.  ``plans``:
+    phase (search, confirm) -> evaluation section."""
     # SPREAD: evaluators land on different nodes (a lost node takes one evaluator, not all)
     options: dict[str, Any] = {"num_cpus": cpus, "scheduling_strategy": "SPREAD"}
     if gpus:
         options["num_gpus"] = gpus
     ref = [ray.put(reference)] if reference is not None else None
     return EvalDispatcher.options(name=name, namespace=namespace, lifetime=None).remote(
-        n, plan_spec, ref, seed, options)
+        n, plans, ref, seed, options)

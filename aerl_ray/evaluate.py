@@ -40,7 +40,7 @@ from aerl_ray.attacks.transfer import load_source
 from aerl_ray.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from aerl_ray.diagnostics import DiagnosticsReport, run_diagnostics
 from aerl_ray.evalplan import DEFAULT_GRIDS, EvalPlan, EvalPlanError
-from aerl_ray.results import append_rows, config_hash, wilson_interval
+from aerl_ray.results import EVALS, INDICATORS, append_rows, config_hash, wilson_interval
 from aerl_ray.train import resolve_device
 
 logger = logging.getLogger(__name__)
@@ -58,6 +58,17 @@ class Target:
     regime: str = ""
     config_hash: str = ""
     config: dict = field(default_factory=dict)
+    train_seed: int | None = None
+    ckpt_epoch: int | None = None
+    ckpt_regime: str = ""
+    ckpt_reason: str = ""
+
+    def row_base(self) -> dict[str, Any]:
+        """The columns every results row of this checkpoint carries."""
+        return {"checkpoint": self.label, "model": self.model_name, "dataset": self.dataset,
+                "regime": self.regime, "config_hash": self.config_hash,
+                "train_seed": self.train_seed, "ckpt_epoch": self.ckpt_epoch,
+                "ckpt_regime": self.ckpt_regime, "ckpt_reason": self.ckpt_reason}
 
 
 def load_target(target: "str | os.PathLike | dict | nn.Module", expected_model: str = ""
@@ -69,18 +80,33 @@ def load_target(target: "str | os.PathLike | dict | nn.Module", expected_model: 
     ckpt = target if isinstance(target, dict) else load_checkpoint(target)
     model, info = model_from_checkpoint(ckpt, expected_model or None)
     cfg = dict(ckpt.get("config", {}))
+    sel = dict(ckpt.get("selection") or {})
     return Target(model, label, cfg.get("model", ""), cfg.get("dataset", info.name),
-                  str(cfg.get("regime", "")), config_hash(cfg), cfg)
+                  str(cfg.get("regime", "")), config_hash(cfg), cfg,
+                  train_seed=int(ckpt.get("seed", cfg.get("seed", 0))),
+                  ckpt_epoch=int(ckpt.get("epoch", -1)),
+                  ckpt_regime=str((ckpt.get("metrics") or {}).get("regime_active", "")),
+                  ckpt_reason=str(sel.get("reason", "")))
+
+
+def load_eval_data(config: Mapping[str, Any], split: str = "test"
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``split`` (val or test) of the dataset a checkpoint was trained on: the same
+    split the training loop made (:func:`aerl_ray.data.load_splits` with the checkpoint's
+    data settings)."""
+    from aerl_ray.data import load_splits, split_config
+
+    splits = load_splits(split_config(config))
+    if split == "val":
+        return splits.x_val, splits.y_val
+    if split == "test":
+        return splits.x_test, splits.y_test
+    raise EvalPlanError(f"split={split!r}; evaluate on val or test")
 
 
 def load_test_data(config: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
     """The test split of the dataset a checkpoint was trained on."""
-    from aerl_ray.config import DataConfig
-    from aerl_ray.data import load_splits
-
-    keys = ("dataset", "cache_dir", "image_size", "hf_dataset_id")
-    splits = load_splits(DataConfig(**{k: config[k] for k in keys if k in config}))
-    return splits.x_test, splits.y_test
+    return load_eval_data(config, "test")
 
 
 # --- the evaluation -------------------------------------------------------------------------
@@ -122,15 +148,16 @@ def run_evaluation(target: "str | os.PathLike | dict | nn.Module", plan: EvalPla
                    device: str | torch.device | None = "cpu",
                    landscape_dir: str | os.PathLike | None = None,
                    label: str | None = None, source_label: str | None = None,
-                   diagnostics: str | None = None) -> Evaluation:
+                   diagnostics: str | None = None, phase: str = "evaluate") -> Evaluation:
     """Evaluate one checkpoint: eval rows, indicator rows and masking diagnostics.
 
     Args:
         target: checkpoint path, loaded checkpoint dict, or a model (then ``data`` is
             required).
         plan: the :class:`EvalPlan`.
-        data: (x_test, y_test) to use instead of loading the checkpoint's dataset.
+        data: (x, y) of ``plan.split`` to use instead of loading the checkpoint's dataset.
         run_id, trial_id: identifiers copied into every row.
+        phase: the rows' ``phase`` (search, confirm or evaluate).
         cache: transfer cache shared across calls (see :class:`Evaluator`).
         source: a transfer source model overriding ``plan.transfer_source``.
         device: where to run (``auto`` picks CUDA when available).
@@ -149,13 +176,14 @@ def run_evaluation(target: "str | os.PathLike | dict | nn.Module", plan: EvalPla
     if label is not None:
         tgt.label = label
     if isinstance(target, nn.Module) and data is None:
-        raise EvalPlanError("evaluating a model object needs data=(x_test, y_test)")
-    x_all, y_all = data if data is not None else load_test_data(tgt.config)
+        raise EvalPlanError("evaluating a model object needs data=(x, y) of its split")
+    x_all, y_all = data if data is not None else load_eval_data(tgt.config, plan.split)
     check_images(x_all, y_all)
     n = plan.n or len(x_all)
     if n > len(x_all):
-        raise EvalPlanError(f"n={plan.n} is larger than the test set ({len(x_all)} images of "
-                            f"{tgt.dataset or 'the data'}); use n <= {len(x_all)} or 0 = all")
+        raise EvalPlanError(f"n={plan.n} is larger than the {plan.split} split ({len(x_all)} "
+                            f"images of {tgt.dataset or 'the data'}); use n <= {len(x_all)} "
+                            "or 0 = all")
     model = tgt.model.to(dev)
     x, y = x_all[:n].to(dev), y_all[:n].to(dev)
     check_logits(model, x)
@@ -172,40 +200,39 @@ def run_evaluation(target: "str | os.PathLike | dict | nn.Module", plan: EvalPla
     cache = cache if cache is not None else TransferCache()
     src_label = source_label or _source_label(source, plan)
     clean_ok = (predict(model, x, plan.batch_size) == y).cpu()
+    clean_acc = int(clean_ok.sum()) / n
     ids = torch.arange(n)
-    base = {"run_id": run_id, "trial_id": trial_id, "checkpoint": tgt.label,
-            "model": tgt.model_name, "dataset": tgt.dataset, "regime": tgt.regime,
-            "config_hash": tgt.config_hash, "seed": plan.seed}
+    base = {"run_id": run_id, "trial_id": trial_id, "phase": phase, "split": plan.split,
+            **tgt.row_base(), "seed": plan.seed}
     eval_rows: list[dict] = []
     ind_rows: list[dict] = []
+    total = _count_jobs(plan)
+    done = 0
     for norm, grid in plan.grids:
+        broken: dict[str, dict[float, torch.Tensor]] = {}  # attack -> eps -> success (N,)
         for name in plan.attacks:
             params = plan.params_for(name)
-            m = n
-            if name == "autoattack" and plan.autoattack_n:
-                m = plan.autoattack_n
             attack_label = name
             if name == "transfer":
                 params["source"], params["cache"] = src, cache
                 attack_label = f"transfer:{src_label}"
-            logger.info("evaluating %s: %s %s on %d images", tgt.label, attack_label, norm, m)
-            results = robustness_curve(name, model, x[:m], y[:m], norm, grid,
-                                       example_ids=ids[:m], **params)
+            sub = plan.eps_grid(norm, name)
+            done += 1
+            logger.info("[%d/%d] %s: %s %s eps %s on %d %s images", done, total, tgt.label,
+                        attack_label, norm, ",".join(sub), n, plan.split)
+            results = robustness_curve(name, model, x, y, norm, sub, example_ids=ids, **params)
             shown = {k: v for k, v in params.items() if k not in ("cache",)}
             if name == "transfer":
                 shown["source"] = src_label
-            clean_acc = int(clean_ok[:m].sum()) / m
-            for eps_str, r in zip(grid, results):
-                k = int((~r.success).sum())
-                lo, hi = wilson_interval(k, m)
-                eval_rows.append({**base, "attack": attack_label, "norm": norm,
-                                  "eps": parse_eps(eps_str), "eps_str": eps_str, "n": m,
-                                  "clean_acc": clean_acc, "robust_acc": k / m, "ci_low": lo,
-                                  "ci_high": hi, "fwd_passes": int(r.fwd_passes),
-                                  "bwd_passes": int(r.bwd_passes), "queries": int(r.queries),
-                                  "seconds": float(r.seconds),
-                                  "params": params_json({**shown, "multi_budget": True}),
-                                  "flags": json.dumps(r.flags)})
+            for eps_str, r in zip(sub, results):
+                broken.setdefault(attack_label, {})[parse_eps(eps_str)] = r.success
+                eval_rows.append(_row(base, attack_label, norm, eps_str, r.success, clean_acc,
+                                      fwd=r.fwd_passes, bwd=r.bwd_passes, queries=r.queries,
+                                      seconds=r.seconds,
+                                      params=params_json({**shown, "multi_budget": True}),
+                                      flags=r.flags))
+        if len(broken) > 1:
+            eval_rows += _worst_case_rows(base, norm, grid, broken, clean_acc)
         if plan.indicators or landscape_dir:
             ind_rows += _indicators(model, x, y, norm, plan, base, landscape_dir)
     level = plan.diagnostics if diagnostics is None else diagnostics
@@ -214,6 +241,55 @@ def run_evaluation(target: "str | os.PathLike | dict | nn.Module", plan: EvalPla
         report = run_diagnostics(model, x, y, plan, level=level, eval_rows=eval_rows,
                                  n=plan.diagnostics_n)
     return Evaluation(eval_rows, ind_rows, report)
+
+
+def _count_jobs(plan: EvalPlan) -> int:
+    return len(plan.grids) * len(plan.attacks)
+
+
+def _row(base: dict, attack: str, norm: str, eps_str: str, success: torch.Tensor,
+         clean_acc: float, *, fwd: int = 0, bwd: int = 0, queries: int = 0,
+         seconds: float = 0.0, params: str = "{}", flags: Sequence[str] = ()) -> dict:
+    m = int(success.numel())
+    k = int((~success).sum())
+    lo, hi = wilson_interval(k, m)
+    return {**base, "attack": attack, "norm": norm, "eps": parse_eps(eps_str),
+            "eps_str": str(eps_str), "n": m, "clean_acc": clean_acc, "robust_acc": k / m,
+            "ci_low": lo, "ci_high": hi, "fwd_passes": int(fwd), "bwd_passes": int(bwd),
+            "queries": int(queries), "seconds": float(seconds), "params": params,
+            "flags": json.dumps(list(flags))}
+
+
+def worst_case(broken: Mapping[str, Mapping[float, torch.Tensor]], eps: float
+               ) -> tuple[torch.Tensor, list[str]] | None:
+    """Per example: broken at ``eps`` if any attack broke it at a budget <= eps (each
+    attack's own curve is already cumulative).  Returns (success, attacks used) or None
+    when no attack ran at or below ``eps``."""
+    out, used = None, []
+    for attack, curve in broken.items():
+        below = [e for e in curve if e <= eps + 1e-12]
+        if not below:
+            continue
+        s = curve[max(below)]
+        out = s.clone() if out is None else (out | s)
+        used.append(attack)
+    return (out, used) if out is not None else None
+
+
+def _worst_case_rows(base: dict, norm: str, grid: Sequence[str],
+                     broken: Mapping[str, Mapping[float, torch.Tensor]],
+                     clean_acc: float) -> list[dict]:
+    """One ``worst_case`` row per budget: robust only if no attack broke the example (the
+    number RobustBench reports), computed per example, not as a minimum of accuracies."""
+    rows = []
+    for eps_str in grid:
+        wc = worst_case(broken, parse_eps(eps_str))
+        if wc is None:
+            continue
+        success, used = wc
+        rows.append(_row(base, "worst_case", norm, eps_str, success, clean_acc,
+                         params=json.dumps({"attacks": sorted(used)})))
+    return rows
 
 
 def _source_label(source: Any, plan: EvalPlan) -> str:
@@ -235,7 +311,7 @@ def _indicators(model: nn.Module, x: torch.Tensor, y: torch.Tensor, norm: str, p
     rep = measure_indicators(model, x, y, Threat(norm, eps), steps=plan.indicator_steps,
                              seed=plan.seed, batch_size=plan.batch_size)
     logger.info("indicators %s eps=%s in %.1f s", norm, eps, time.perf_counter() - t0)
-    keep = ("run_id", "trial_id", "checkpoint")
+    keep = ("run_id", "trial_id", "checkpoint", "phase", "split")
     rows = [{**{k: base[k] for k in keep}, **r} for r in rep.rows()] if plan.indicators else []
     if landscape_dir:
         k = min(len(x), 64)
@@ -252,8 +328,8 @@ class Evaluator:
     """Evaluates checkpoints; a Ray actor can wrap it as is.
 
     Holds state worth keeping between checkpoints and nothing global: the transfer cache
-    (crafted sets are shared by every target with the same source), test data per
-    dataset and loaded transfer sources.
+    (crafted sets are shared by every target with the same source), evaluation data per
+    (dataset, split) and loaded transfer sources.
     """
 
     def __init__(self, cache_dir: str | os.PathLike | None = None, device: str = "cpu"):
@@ -262,18 +338,21 @@ class Evaluator:
         self._data: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self._sources: dict[str, nn.Module] = {}
 
-    def test_data(self, config: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The test split of a checkpoint's dataset, loaded once per dataset."""
-        key = tuple(sorted((k, str(config.get(k)))
-                           for k in ("dataset", "cache_dir", "image_size")))
+    def eval_data(self, config: Mapping[str, Any], split: str = "test"
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A split of a checkpoint's dataset, loaded once per (data settings, split)."""
+        from aerl_ray.data import split_config
+
+        key = (tuple(sorted((k, str(v)) for k, v in vars(split_config(config)).items())),
+               split)
         if key not in self._data:
-            self._data[key] = load_test_data(config)
+            self._data[key] = load_eval_data(config, split)
         return self._data[key]
 
     def evaluate(self, target: "str | os.PathLike | dict", plan: EvalPlan, *,
                  run_id: str = "", trial_id: str = "") -> tuple[list[dict], list[dict]]:
         ckpt = target if isinstance(target, dict) else load_checkpoint(target)
-        data = self.test_data(ckpt.get("config", {}))
+        data = self.eval_data(ckpt.get("config", {}), plan.split)
         source = None
         if "transfer" in plan.attacks and plan.transfer_source:
             if plan.transfer_source not in self._sources:
@@ -340,7 +419,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--aa-version", default="standard", help="standard, plus, rand or custom")
     p.add_argument("--aa-attacks", default="",
                    help="AutoAttack sub-attacks (implies custom), e.g. apgd-ce,apgd-t")
-    p.add_argument("--aa-n", type=int, default=0, help="AutoAttack on the first N images only")
+    p.add_argument("--aa-eps", default="",
+                   help="run AutoAttack only at these budgets of the grid (comma list, e.g. "
+                        "8/255; default: every budget); the other attacks run the whole grid")
+    p.add_argument("--split", default="test", choices=("test", "val"),
+                   help="data split to evaluate on (default test; a sweep's search uses val)")
     p.add_argument("--transfer-source", default="",
                    help="checkpoint the transfer attack crafts on (e.g. an SL run's best.pt)")
     p.add_argument("--param", action="append", default=[], metavar="ATTACK.KEY=VALUE",
@@ -398,10 +481,20 @@ def plan_from_args(args: argparse.Namespace) -> EvalPlan:
                     seed=args.seed, attack_params=params, autoattack_version=args.aa_version,
                     autoattack_attacks=tuple(a.strip() for a in args.aa_attacks.split(",")
                                              if a.strip()),
-                    autoattack_n=args.aa_n, transfer_source=args.transfer_source,
+                    attack_grids=_aa_grids(args, grids, attacks), split=args.split,
+                    transfer_source=args.transfer_source,
                     model=args.model, indicators=not args.no_indicators,
                     indicator_steps=args.indicator_steps, diagnostics=args.diagnostics,
                     diagnostics_n=args.diagnostics_n)
+
+
+def _aa_grids(args: argparse.Namespace, grids: Mapping[str, Any], attacks: list[str]) -> dict:
+    budgets = [e.strip() for e in args.aa_eps.split(",") if e.strip()]
+    if not budgets:
+        return {}
+    if "autoattack" not in attacks:
+        raise EvalPlanError("--aa-eps restricts AutoAttack, which is not in --attacks")
+    return {"autoattack": {norm: budgets for norm in grids}}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -421,8 +514,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(diag.format_table())
     if args.out:
         out = Path(args.out)
-        append_rows(out / "evals.parquet", rows)
-        append_rows(out / "indicators.parquet", ind)
+        append_rows(out / EVALS.name, rows, EVALS)
+        append_rows(out / INDICATORS.name, ind, INDICATORS)
         print(f"wrote {len(rows)} rows to {out / 'evals.parquet'} and {len(ind)} to "
               f"{out / 'indicators.parquet'}")
         if diag is not None:

@@ -1,15 +1,18 @@
-"""Optuna through Ray Tune: samplers, RDB storage, a Pareto-safe searcher, stale rows.
+"""Optuna through Ray Tune: samplers, RDB storage and the ledger-backed searcher.
 
-Facts this module works around (Ray 2.60 + Optuna 5, see the project's Ray notes):
-OptunaSearch tells Optuna the *last* reported values, so a trial stopped early would enter
-the multi-objective study as COMPLETE with early-epoch values; ``tell`` rejects NaN and
-leaves the trial RUNNING; and a searcher restored after a driver crash is an older
-snapshot that re-issues configs and does not know the newest trials.
+:class:`LedgerSearcher` is a real ``ray.tune.search.Searcher``: Tune asks it for configs,
+it answers from the :class:`~aerl_ray.ledger.Ledger` -- first the tickets it was given
+(trials to re-run after a crash, confirmation runs), then new trials ``study.ask()``-ed
+from the Optuna study (define-by-run, so conditional parameters are only suggested when
+active).  It never tells the study anything: results are committed by the driver's
+results callback (:mod:`aerl_ray.recorder`), rows first, so the study and the tables
+cannot disagree about a trial that finished.
 """
 from __future__ import annotations
 
+import collections
 import logging
-import math
+from typing import Iterable
 
 from aerl_ray.space import SweepSpec
 
@@ -50,78 +53,34 @@ def open_storage(url: str):
 
 
 def searcher_class():
-    import optuna
-    from ray.tune.search.optuna import OptunaSearch
+    from ray.tune.search import Searcher
 
-    from aerl_ray.trial import ERROR_KEY
+    class LedgerSearcher(Searcher):
+        """Hands Tune the ledger's tickets, then new study trials, then FINISHED.
 
-    class ParetoSafeOptunaSearch(OptunaSearch):
-        """OptunaSearch that never records truncated trials as COMPLETE.
+        After an interrupt it returns FINISHED at once: no new trial starts while the
+        running ones finish their epoch."""
 
-        A trial whose last result lacks finite objective values (stopped early by ASHA,
-        or NaN objectives) becomes PRUNED; errors and diverged trials (``ERROR_KEY``)
-        become FAIL.
-        Each study trial is tagged with its Tune trial id (dedupe after a restore)."""
+        def __init__(self, ledger, tickets: Iterable = (), new_trials: bool = True):
+            super().__init__()
+            self.ledger = ledger
+            self.queue = collections.deque(tickets)
+            self.new_trials = new_trials
+
+        def set_search_properties(self, metric, mode, config, **spec) -> bool:
+            return True  # the space is the ledger's (define-by-run); nothing to set
 
         def suggest(self, trial_id: str):
-            # A searcher restored from an older snapshot re-issues configs (e.g. its
-            # points_to_evaluate) that already finished before the driver died: skip those.
-            for _ in range(20):
-                cfg = super().suggest(trial_id)
-                if not isinstance(cfg, dict) or trial_id not in self._ot_trials:
-                    return cfg
-                ot = self._ot_trials[trial_id]
-                if ot.params not in self._finished_params(exclude=ot.number):
-                    ot.set_user_attr("tune_trial_id", trial_id)
-                    return {**cfg, "_number": ot.number}
-                ot.set_user_attr("duplicate", True)
-                self._ot_study.tell(ot, state=optuna.trial.TrialState.FAIL)
-                del self._ot_trials[trial_id]
-            return cfg
+            if self.ledger.interrupted.is_set():
+                return Searcher.FINISHED
+            ticket = self.queue.popleft() if self.queue else (
+                self.ledger.ask() if self.new_trials else None)
+            if ticket is None:
+                return Searcher.FINISHED
+            logger.debug("Tune trial %s runs %s", trial_id, ticket.key)
+            return ticket.config()
 
-        def _finished_params(self, exclude: int) -> list[dict]:
-            return [t.params for t in self._ot_study.get_trials(
-                deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)) if t.number != exclude]
+        def on_trial_complete(self, trial_id: str, result=None, error: bool = False) -> None:
+            pass  # the results callback commits (rows first, then the study)
 
-        def _adopt(self, trial_id: str) -> None:
-            """After a restore, a trial suggested after the last searcher snapshot is
-            unknown to the restored searcher: find its RUNNING study trial by tag."""
-            running = self._ot_study.get_trials(deepcopy=False,
-                                                states=(optuna.trial.TrialState.RUNNING,))
-            for t in running:
-                if t.user_attrs.get("tune_trial_id") == trial_id:
-                    self._ot_trials[trial_id] = optuna.trial.Trial(self._ot_study, t._trial_id)
-                    return
-
-        def on_trial_complete(self, trial_id: str, result: dict | None = None,
-                              error: bool = False) -> None:
-            if trial_id not in self._ot_trials:
-                self._adopt(trial_id)
-            ms = self.metric if isinstance(self.metric, list) else [self.metric]
-            vals = [(result or {}).get(m) for m in ms]
-            bad = any(v is None or (isinstance(v, float) and not math.isfinite(v)) for v in vals)
-            if not error and bad:
-                if trial_id in self._ot_trials and trial_id not in self._completed_trials:
-                    ot, reason = self._ot_trials[trial_id], (result or {}).get(ERROR_KEY)
-                    if reason:  # diverged: FAIL, with the reason
-                        ot.set_user_attr("error", str(reason)[:500])
-                    self._ot_study.tell(ot, state=optuna.trial.TrialState.FAIL if reason
-                                        else optuna.trial.TrialState.PRUNED)
-                    self._completed_trials.add(trial_id)
-                return
-            super().on_trial_complete(trial_id, result=result, error=error)
-
-    return ParetoSafeOptunaSearch
-
-
-def close_stale_trials(storage_url: str, study_name: str) -> int:
-    """Mark RUNNING study trials left by a killed driver as FAIL (after the sweep ends)."""
-    import optuna
-
-    study = optuna.load_study(study_name=study_name, storage=storage_url)
-    n = 0
-    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        study._storage.set_trial_user_attr(t._trial_id, "stale", True)
-        study.tell(t.number, state=optuna.trial.TrialState.FAIL)
-        n += 1
-    return n
+    return LedgerSearcher

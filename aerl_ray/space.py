@@ -20,13 +20,30 @@ A space file has these top-level keys (all but ``parameters`` and ``objectives``
                 mode: auto}          # mode: auto | in_process | ray_train
     scheduler: {type: none}          # or {type: asha, metric: val_acc, mode: max,
                                      #      grace_period: 2, reduction_factor: 2}
-    evaluation: {...}                # the evaluation plan (see aerl_ray.evaluate.EvalPlan)
+    evaluation: {...}                # the search's evaluation plan (aerl_ray.evalplan.EvalPlan),
+                                     # always on the validation split
+    confirm:                         # the confirmation stage (on by default)
+      seeds: 3                       # retrain each confirmed configuration with 3 new seeds
+      configs: front+best            # front (the search front) or front+best (+ the best
+                                     # trial of each regime on the robust objective)
+      n: 0                           # test images (0 = the search plan's n); every attack
+      evaluation: {...}              # the same n; overrides of the confirmation plan, which
+                                     # is the search plan on test + AutoAttack standard at the
+                                     # headline budget + full diagnostics
+      enabled: true
+    keep_checkpoints: 1              # Tune checkpoints kept per trial (each holds last.pt and
+                                     # the selected best.pt)
     smoke: {...}                     # overrides applied by --smoke (tiny runs for tests)
 
 Keys of ``fixed``, ``parameters`` and ``points_to_evaluate`` are flat
 :class:`~aerl_ray.config.TrainConfig` names (the same as ``python -m aerl_ray.train``
 flags).  A parameter with ``when: {other: [values]}`` is only suggested when ``other`` (a
 categorical parameter defined before it) takes one of those values.
+
+Checkpoint selection (``select``, see :mod:`aerl_ray.selection`) defaults to the space's
+robust objective: unless ``fixed`` or ``parameters`` set them, ``select_eps`` and
+``select_norm`` are the first robust objective's budget, so adversarial and hybrid trials
+keep their best *robust validation* epoch of the final regime.
 """
 from __future__ import annotations
 
@@ -43,7 +60,9 @@ from aerl_ray.config import ConfigError, TrainConfig, flat_fields
 
 TOP_KEYS = {"name", "seed", "fixed", "parameters", "points_to_evaluate", "objectives",
             "sampler", "num_samples", "max_concurrent", "resources", "scheduler", "evaluation",
-            "smoke", "description", "reference"}
+            "smoke", "description", "reference", "confirm", "keep_checkpoints"}
+CONFIRM_KEYS = {"enabled", "seeds", "configs", "n", "evaluation"}
+CONFIRM_CONFIGS = ("front", "front+best")
 PARAM_TYPES = {"categorical": {"choices"}, "float": {"low", "high", "log", "step"},
                "int": {"low", "high", "log", "step"}}
 SAMPLERS = ("tpe", "nsga2", "random", "grid")
@@ -115,6 +134,8 @@ class SweepSpec:
     scheduler: Mapping[str, Any] = field(default_factory=lambda: {"type": "none"})
     evaluation: Mapping[str, Any] = field(default_factory=dict)
     reference: Mapping[str, Any] = field(default_factory=dict)
+    confirm: Mapping[str, Any] = field(default_factory=dict)
+    keep_checkpoints: int = 1
     source: str = ""
     raw: Mapping[str, Any] = field(default_factory=dict)
 
@@ -203,7 +224,7 @@ def _corner_configs(spec: SweepSpec) -> list[dict]:
 
 def parse_space(raw: Mapping[str, Any], source: str = "<space>") -> SweepSpec:
     """Validate a parsed YAML mapping and return the :class:`SweepSpec`."""
-    from aerl_ray.evalpool import check_objective, plan_from_spec
+    from aerl_ray.evalpool import check_objective, confirm_plan_from_spec, plan_from_spec
 
     src = source
     if not isinstance(raw, Mapping):
@@ -260,13 +281,24 @@ def parse_space(raw: Mapping[str, Any], source: str = "<space>") -> SweepSpec:
     num_samples = int(raw.get("num_samples", 8))
     if num_samples < 1:
         raise _err(src, "num_samples must be >= 1")
+    confirm = _parse_confirm(src, raw.get("confirm"))
+    keep = raw.get("keep_checkpoints", 1)
+    if not isinstance(keep, int) or keep < 1:
+        raise _err(src, f"keep_checkpoints={keep!r} must be an integer >= 1 (each checkpoint "
+                        "holds last.pt for resuming and the selected best.pt)")
+    if (raw.get("evaluation") or {}).get("split", "val") != "val":
+        raise _err(src, "evaluation.split: the search evaluates on the validation split "
+                        "(objectives select hyperparameters); the test split is read only by "
+                        "the confirm: stage")
+    fixed = {**_selection_defaults(objectives, fixed, raw["parameters"]), **fixed}
     spec = SweepSpec(name=str(raw.get("name") or Path(src).stem), params=tuple(params.values()),
                      objectives=tuple(objectives), fixed=fixed, seed=int(raw.get("seed", 0)),
                      points_to_evaluate=tuple(raw.get("points_to_evaluate") or ()),
                      sampler=sampler, num_samples=num_samples,
                      max_concurrent=int(raw.get("max_concurrent", 0)), resources=res,
                      scheduler=sched, evaluation=dict(raw.get("evaluation") or {}),
-                     reference=dict(raw.get("reference") or {}), source=src, raw=dict(raw))
+                     reference=dict(raw.get("reference") or {}), confirm=confirm,
+                     keep_checkpoints=keep, source=src, raw=dict(raw))
     # every corner of the space and every point to evaluate must build a valid config
     for values in _corner_configs(spec) + [dict(p) for p in spec.points_to_evaluate]:
         for k in values:
@@ -283,6 +315,14 @@ def parse_space(raw: Mapping[str, Any], source: str = "<space>") -> SweepSpec:
                 check_objective(plan, o.attack, o.norm, o.eps)
     except (ValueError, KeyError, TypeError) as e:
         raise _err(src, f"evaluation: {e}") from None
+    if spec.confirm.get("enabled"):
+        try:
+            cplan = confirm_plan_from_spec(spec)
+            for o in spec.objectives:
+                if o.attack is not None:
+                    check_objective(cplan, o.attack, o.norm, o.eps)
+        except (ValueError, KeyError, TypeError) as e:
+            raise _err(src, f"confirm.evaluation: {e}") from None
     bad_ref = set(spec.reference) - set(flat_fields()) - {"checkpoint"}
     if bad_ref:
         raise _err(src, f"reference: unknown key(s) {sorted(bad_ref)}; give training config "
@@ -293,6 +333,45 @@ def parse_space(raw: Mapping[str, Any], source: str = "<space>") -> SweepSpec:
         except ConfigError as e:
             raise _err(src, f"reference: {e}") from None
     return spec
+
+
+def _parse_confirm(src: str, raw: Any) -> dict[str, Any]:
+    c = {"enabled": True, "seeds": 3, "configs": "front+best", "n": 0, "evaluation": {}}
+    if raw is None:
+        return c
+    if not isinstance(raw, Mapping):
+        raise _err(src, "confirm: must be a mapping (seeds, configs, n, evaluation, enabled)")
+    extra = set(raw) - CONFIRM_KEYS
+    if extra:
+        raise _err(src, f"confirm: unknown key(s) {sorted(extra)}; allowed: "
+                        f"{sorted(CONFIRM_KEYS)}")
+    c.update(raw)
+    if not isinstance(c["seeds"], int) or c["seeds"] < 1:
+        raise _err(src, f"confirm.seeds={c['seeds']!r} must be an integer >= 1 (3 is the "
+                        "usual minimum for an interval across seeds)")
+    if c["configs"] not in CONFIRM_CONFIGS:
+        raise _err(src, f"confirm.configs={c['configs']!r}; choose one of {list(CONFIRM_CONFIGS)}")
+    if not isinstance(c["n"], int) or c["n"] < 0:
+        raise _err(src, f"confirm.n={c['n']!r} must be an integer >= 0 (0 = the search's n)")
+    if not isinstance(c["evaluation"] or {}, Mapping):
+        raise _err(src, "confirm.evaluation must be a mapping of evaluation-plan keys")
+    c["evaluation"] = dict(c["evaluation"] or {})
+    c["enabled"] = bool(c["enabled"])
+    return c
+
+
+def _selection_defaults(objectives, fixed: Mapping[str, Any], params: Mapping[str, Any]
+                        ) -> dict[str, Any]:
+    """select_eps/select_norm from the first robust objective (unless set)."""
+    from aerl_ray.attacks.threat import Norm, parse_eps
+
+    robust = next((o for o in objectives if o.attack is not None), None)
+    if robust is None or "select_eps" in fixed or "select_eps" in params:
+        return {}
+    out: dict[str, Any] = {"select_eps": parse_eps(robust.eps)}
+    if "select_norm" not in fixed and "select_norm" not in params:
+        out["select_norm"] = Norm.parse(robust.norm).value.lower()
+    return out
 
 
 class _StrictLoader(yaml.SafeLoader):

@@ -6,10 +6,19 @@ local Ray with the embedded digits dataset.  On a cluster::
     python -m aerl_ray.sweep --space search_spaces/paper_cifar10.yaml --address auto \
         --storage s3://bucket/aerl --optuna-storage postgresql://user@head/aerl
 
-``--resume RUN_DIR`` continues a killed sweep (``Tuner.restore``).  Everything lands in
-the run dir (layout: :mod:`aerl_ray.results`).  Order of work: validate the space and all
-options, connect Ray, open the Optuna storage, train the transfer reference, start the
-evaluator pool, then run trials -- so bad input fails before any trial starts.
+Two phases, both through the same trial function and evaluator pool:
+
+1. **search** -- trials asked from the Optuna study, trained, evaluated on the
+   *validation* split; their objectives (with 95% intervals) drive the search;
+2. **confirm** -- the front's configurations (and the best of each regime) retrained with
+   new seeds and evaluated on the untouched *test* split (:mod:`aerl_ray.confirm`).
+
+Order of work: validate the space, every flag and the data (:mod:`aerl_ray.preflight`),
+connect Ray, then create the run dir -- so bad input fails in seconds and leaves nothing
+behind.  ``--resume RUN_DIR`` reconciles the study and the tables first
+(:meth:`aerl_ray.ledger.Ledger.reconcile`), then continues where the sweep stopped.
+Ctrl-C / SIGTERM: running trials finish their epoch (checkpointed), nothing new starts,
+the driver prints how to resume and exits 130; a second Ctrl-C stops at once.
 """
 from __future__ import annotations
 
@@ -17,18 +26,22 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
 from aerl_ray import results as R
-from aerl_ray.recorder import final_diagnostics, pareto_front, results_callback
-from aerl_ray.search import (StorageConnectError, close_stale_trials, make_sampler,
-                             open_storage, searcher_class)
+from aerl_ray.front import search_front
+from aerl_ray.ledger import CONFIRM, SEARCH, Ledger
+from aerl_ray.preflight import (PreflightError, check_auto_address, check_data,
+                                check_storage_writable, resume_flags)
+from aerl_ray.search import StorageConnectError, open_storage, searcher_class
 from aerl_ray.space import SpaceError, SweepSpec, load_space, parse_space
 
 logger = logging.getLogger(__name__)
@@ -41,19 +54,29 @@ class SweepError(RuntimeError):
     """A sweep cannot start or resume; the message says why and what to do."""
 
 
+class SweepInterrupted(Exception):
+    """Ctrl-C / SIGTERM: the sweep stopped; ``run_dir`` can be resumed."""
+
+    def __init__(self, run_dir: Path | None, how: str = "interrupted"):
+        super().__init__(how)
+        self.run_dir = run_dir
+
+
 @dataclass
 class SweepResult:
     run_dir: Path
     trials: pd.DataFrame
-    pareto: pd.DataFrame
+    pareto: pd.DataFrame  # the search front (search_front: on_front + noise statuses)
     objectives: list[dict]
-    fit_seconds: float = float("nan")  # wall time of Tuner.fit (the trials themselves)
+    fit_seconds: float = float("nan")  # wall time of the search's Tuner.fit
     concurrency: int = 1
+    confirmed: pd.DataFrame = field(default_factory=pd.DataFrame)
+    paths: dict = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------------------
-# the driver
-def _connect(address: str | None, num_cpus: int | None):
+# Ray
+def _connect(address: str | None, num_cpus: int | None) -> None:
     import ray
 
     if address and address not in ("auto", "local"):
@@ -66,11 +89,19 @@ def _connect(address: str | None, num_cpus: int | None):
         else:
             ray.init(address="local", namespace=NAMESPACE, include_dashboard=True,
                      num_cpus=num_cpus, log_to_driver=False)
-    except (ConnectionError, RuntimeError, ValueError) as e:
-        raise SweepError(f"cannot connect to the Ray cluster at {address!r} ({e}). Start it "
-                         "(`ray start --head` or `ray up cluster.yaml`), use --address auto on "
-                         "a cluster node, and export RAY_AUTH_MODE=token (plus RAY_AUTH_TOKEN) "
-                         "when connecting to a token-authenticated cluster by address.") from e
+    except Exception as e:  # noqa: BLE001 - ConnectionError, RuntimeError, timeouts, ...
+        raise SweepError(f"cannot connect to the Ray cluster at {address or 'a new local Ray'!r} "
+                         f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})."
+                         " Start it (`ray start --head` or `ray up cluster.yaml`), use --address "
+                         "auto on a cluster node, and export RAY_AUTH_MODE=token (plus "
+                         "RAY_AUTH_TOKEN) when connecting to a token-authenticated cluster by "
+                         "address.") from e
+    if address:
+        ctx = ray.get_runtime_context()
+        res = ray.cluster_resources()
+        logger.info("attached to the Ray cluster at %s (%d nodes, %g CPUs, %g GPUs, node %s)",
+                    address, len([n for n in ray.nodes() if n.get("Alive")]),
+                    res.get("CPU", 0), res.get("GPU", 0), ctx.get_node_id()[:8])
 
 
 def _check_reachable(address: str, timeout: float = 5.0) -> None:
@@ -139,7 +170,7 @@ def _train_reference(spec: SweepSpec, run: R.RunDir, plan_res: dict) -> dict | N
     if ref.get("checkpoint"):
         return load_checkpoint(ref["checkpoint"])
     path = run.root / "reference" / "best.pt"
-    if path.exists():
+    if path.exists() and (run.root / "reference" / "final.json").exists():
         return load_checkpoint(path)
     cfg = spec.train_config({k: v for k, v in ref.items() if k != "checkpoint"}, seed=spec.seed)
     if not plan_res["use_gpu"]:
@@ -150,7 +181,7 @@ def _train_reference(spec: SweepSpec, run: R.RunDir, plan_res: dict) -> dict | N
         from aerl_ray.config import TrainConfig
         from aerl_ray.train import fit
 
-        fit(TrainConfig.from_flat(flat), out)
+        fit(TrainConfig.from_flat(flat), out, overwrite=True)
 
     opts = {"num_cpus": float(plan_res.get("cpus_per_worker", 1))}
     if plan_res["use_gpu"]:
@@ -161,20 +192,77 @@ def _train_reference(spec: SweepSpec, run: R.RunDir, plan_res: dict) -> dict | N
     return load_checkpoint(path)
 
 
-def run_sweep(space: str | Path | None = None, run_dir: str | Path | None = None, *,
-              address: str | None = None, storage: str | None = None,
-              optuna_storage: str | None = None, resume: str | Path | None = None,
-              smoke: bool = False, num_samples: int | None = None,
-              overrides: dict | None = None, num_cpus: int | None = None,
-              verbose: int = 1) -> SweepResult:
-    """Run (or resume) a sweep and return its trial table and Pareto set.
+# ---------------------------------------------------------------------------------------
+# signals
+class _Interrupts:
+    """SIGINT/SIGTERM handling in the driver (main thread only).
 
-    ``overrides`` is deep-merged into the space file (after ``smoke``), e.g.
-    ``{"fixed": {"dataset": "npz:/data/mine.npz"}}``."""
-    import ray
-    from ray import tune
+    While a Tuner runs (``graceful``) the first signal sets ``ledger.interrupted``: the
+    searcher starts nothing new, the stopper stops each running trial after its next
+    (checkpointed) report, uncommitted trials stay RUNNING for ``--resume``.  A second
+    signal, or one outside a Tuner, raises :class:`SweepInterrupted` at once."""
 
-    # -- validate everything before Ray starts ------------------------------------------
+    def __init__(self, ledger: Ledger | None, run_dir: Path | None):
+        self.ledger, self.run_dir = ledger, run_dir
+        self.graceful = False
+        self._old: dict[int, object] = {}
+
+    def __enter__(self) -> "_Interrupts":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, sig, frame) -> None:
+        if self.graceful and self.ledger is not None and not self.ledger.interrupted.is_set():
+            self.ledger.interrupted.set()
+            logger.warning("%s: finishing the running epochs, starting nothing new (press "
+                           "Ctrl-C again to stop at once)", signal.Signals(sig).name)
+            return
+        raise SweepInterrupted(self.run_dir, signal.Signals(sig).name)
+
+    def __exit__(self, *exc) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def _stopper(ledger: Ledger):
+    from ray.tune import Stopper
+
+    class InterruptStopper(Stopper):
+        """Stops each trial at its next report once the sweep is interrupted."""
+
+        def __call__(self, trial_id: str, result: dict) -> bool:
+            return ledger.interrupted.is_set()
+
+        def stop_all(self) -> bool:
+            return False
+
+    return InterruptStopper()
+
+
+# ---------------------------------------------------------------------------------------
+# the driver
+@dataclass
+class _Setup:
+    run: R.RunDir
+    spec: SweepSpec
+    run_id: str
+    study_name: str
+    optuna_url: str
+    storage: str | None
+    flags: dict
+    resume: bool
+    saved: dict = field(default_factory=dict)
+    command: str = ""
+
+
+def _prepare(space, run_dir, *, storage, optuna_storage, resume, smoke, num_samples,
+             overrides) -> _Setup:
+    """Resolve the spec and run identity, and check all flags (nothing is written)."""
+    flags = {"space": str(Path(space).resolve()) if space else None, "smoke": smoke,
+             "num_samples": num_samples, "overrides": overrides or None, "storage": storage,
+             "optuna_storage": optuna_storage}
     if resume is not None:
         run = R.RunDir(resume)
         if not run.is_run_dir():
@@ -185,131 +273,255 @@ def run_sweep(space: str | Path | None = None, run_dir: str | Path | None = None
             raise SweepError(f"{run.root} belongs to another sweep (space "
                              f"{saved['space_file']}, not {space}); resume without --space or "
                              "start a new run dir")
+        if "flags" in saved:
+            try:
+                resume_flags(saved, flags)
+            except PreflightError as e:
+                raise SweepError(str(e)) from None
         spec = parse_space(saved["space"], saved["space_file"])
-        run_id, study_name = saved["run_id"], saved["study_name"]
-        optuna_url, storage = saved["optuna_storage"], saved.get("storage") or storage
-        if not (run.tune / spec.name).exists() and not saved.get("storage"):
-            raise SweepError(f"{run.root} has no Tune experiment to restore (tune/{spec.name})")
-    else:
-        space = Path(space or DEFAULT_SPACE)
-        extra = dict(overrides or {})
-        if num_samples:
-            extra["num_samples"] = num_samples
-        spec = load_space(space, smoke=smoke, overrides=extra or None)
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        run = R.RunDir(run_dir or Path("runs") / f"{spec.name}-{stamp}")
-        if run.is_run_dir():
-            raise SweepError(f"{run.root} already holds a sweep; use --resume {run.root} to "
-                             "continue it or choose another --run-dir")
-        run.root.mkdir(parents=True, exist_ok=True)
-        run_id = f"{spec.name}-{stamp}-{uuid.uuid4().hex[:6]}"
-        study_name = run_id
-        optuna_url = optuna_storage or f"sqlite:///{run.optuna_db}"
+        return _Setup(run, spec, saved["run_id"], saved["study_name"], saved["optuna_storage"],
+                      saved.get("storage"), saved.get("flags", flags), True, saved)
+    space = Path(space or DEFAULT_SPACE)
+    extra = dict(overrides or {})
+    if num_samples:
+        extra["num_samples"] = num_samples
+    spec = load_space(space, smoke=smoke, overrides=extra or None)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    run = R.RunDir(run_dir or Path("runs") / f"{spec.name}-{stamp}")
+    if run.is_run_dir():
+        raise SweepError(f"{run.root} already holds a sweep; use --resume {run.root} to "
+                         "continue it or choose another --run-dir")
+    run_id = f"{spec.name}-{stamp}-{uuid.uuid4().hex[:6]}"
+    flags["space"] = str(space.resolve())
     try:
-        optuna_rdb = open_storage(optuna_url)
+        storage = check_storage_writable(storage)
+    except PreflightError as e:
+        raise SweepError(str(e)) from None
+    return _Setup(run, spec, run_id, run_id, optuna_storage or f"sqlite:///{run.optuna_db}",
+                  storage, flags, False)
+
+
+def tune_paths(setup: _Setup) -> tuple[str, str]:
+    """(Tune storage path, TensorBoard logdir): under the run dir, or, with --storage,
+    STORAGE/<run_id>/ -- a run id in every path, so sweeps sharing a storage never meet."""
+    if setup.storage:
+        sp = setup.storage.rstrip("/") + "/" + setup.run_id
+    else:
+        sp = str(setup.run.tune)
+    return sp, sp
+
+
+def _tables(spec: SweepSpec) -> tuple[R.Table, R.Table]:
+    names = [o.name for o in spec.objectives]
+    ptypes = {p.name: R.param_type(p.choices, p.type) for p in spec.params}
+    return R.trials_table(names, ptypes), R.confirm_table(names, ptypes)
+
+
+def run_sweep(space: str | Path | None = None, run_dir: str | Path | None = None, *,
+              address: str | None = None, storage: str | None = None,
+              optuna_storage: str | None = None, resume: str | Path | None = None,
+              smoke: bool = False, num_samples: int | None = None,
+              overrides: dict | None = None, num_cpus: int | None = None,
+              verbose: int = 1, command: str | None = None) -> SweepResult:
+    """Run (or resume) a sweep: search, then confirmation; returns its tables.
+
+    ``overrides`` is deep-merged into the space file (after ``smoke``), e.g.
+    ``{"fixed": {"dataset": "npz:/data/mine.npz"}}``.  Raises :class:`SweepError` (bad
+    input, before Ray starts where possible) or :class:`SweepInterrupted`."""
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # the driver handles Ctrl-C itself
+    with _Interrupts(None, Path(resume) if resume else None) as sig:
+        setup = _prepare(space, run_dir, storage=storage, optuna_storage=optuna_storage,
+                         resume=resume, smoke=smoke, num_samples=num_samples,
+                         overrides=overrides)
+        setup.command = command or (f"aerl_ray.sweep.run_sweep(space={space!r}, "
+                                    f"resume={resume!r}, smoke={smoke!r})")
+        spec, run = setup.spec, setup.run
+        try:
+            check_auto_address(address)
+            check_data(spec)
+        except PreflightError as e:
+            raise SweepError(str(e)) from None
+        in_run_dir = setup.optuna_url == f"sqlite:///{run.optuna_db}"
+        rdb = None if in_run_dir and not setup.resume else _open(setup.optuna_url)
+        _connect(address, num_cpus)
+        from aerl_ray.cluster import (GpuRequestError, StorageError, check_storage,
+                                      cluster_nodes_summary)
+
+        summary = cluster_nodes_summary()
+        try:
+            check_storage(setup.storage, summary.nodes_possible)
+            plan_res = _plan_resources(spec, summary.reachable,
+                                       summary.max_gpus_per_node or None)
+        except (StorageError, GpuRequestError) as e:
+            raise SweepError(str(e)) from e
+        # -- from here on the run dir exists ------------------------------------------------
+        attempt = _record_start(setup)
+        trials_t, confirm_t = _tables(spec)
+        ledger = Ledger(run, spec, setup.run_id, setup.study_name,
+                        rdb or _open(setup.optuna_url), trials_t, confirm_t)
+        sig.ledger, sig.run_dir = ledger, run.root
+        reruns, confirm_reruns = [], []
+        if setup.resume:
+            jobs = _read_confirm_plan(run)
+            rep = ledger.reconcile(jobs or ())
+            logger.info("resume: %s", rep.summary())
+            reruns = [t for t in rep.reruns if t.phase == SEARCH]
+            confirm_reruns = [t for t in rep.reruns if t.phase == CONFIRM]
+        else:
+            ledger.create_study()
+        return _run_phases(setup, ledger, plan_res, attempt, reruns, confirm_reruns, sig,
+                           verbose)
+
+
+def _open(url: str):
+    try:
+        return open_storage(url)
     except StorageConnectError as e:
         raise SweepError(str(e)) from e
 
-    _connect(address, num_cpus)
-    from aerl_ray.cluster import GpuRequestError, StorageError, check_storage, cluster_nodes_summary
 
-    summary = cluster_nodes_summary()
-    try:
-        storage = check_storage(storage, summary.nodes_possible)
-        plan_res = _plan_resources(spec, summary.reachable, summary.max_gpus_per_node or None)
-    except (StorageError, GpuRequestError) as e:
-        raise SweepError(str(e)) from e
-    tune_storage = storage or str(run.tune)
-    if resume is None:
-        run.spec.write_text(json.dumps({
-            "run_id": run_id, "study_name": study_name, "optuna_storage": optuna_url,
-            "storage": storage, "space_file": str(Path(spec.source).resolve()),
-            "space": spec.raw, "smoke": smoke,
-            "objectives": [o.__dict__ for o in spec.objectives], "created_at": time.time(),
-            "command": " ".join(sys.argv)}, indent=1, default=str))
-    for table in (run.trials, run.evals, run.indicators):
-        for p in R.repair_table(table):
-            logger.warning("repaired %s", p)
+def _record_start(setup: _Setup) -> int:
+    run = setup.run
+    run.root.mkdir(parents=True, exist_ok=True)
+    saved = setup.saved or {
+        "run_id": setup.run_id, "study_name": setup.study_name,
+        "optuna_storage": setup.optuna_url, "storage": setup.storage,
+        "space_file": str(Path(setup.spec.source).resolve()), "space": setup.spec.raw,
+        "smoke": bool(setup.flags.get("smoke")), "flags": setup.flags,
+        "objectives": [o.__dict__ for o in setup.spec.objectives], "created_at": time.time(),
+        "command": setup.command, "attempts": []}
+    saved.setdefault("attempts", []).append({"started_at": time.time(),
+                                             "command": setup.command})
+    setup.saved = saved
+    R.write_json_atomic(run.spec, saved)
+    return len(saved["attempts"]) - 1
 
-    # -- the evaluator pool and the transfer reference ------------------------------------
+
+def _read_confirm_plan(run: R.RunDir):
+    from aerl_ray.confirm import read_plan
+
+    return read_plan(run)
+
+
+def _run_phases(setup: _Setup, ledger: Ledger, plan_res: dict, attempt: int, reruns,
+                confirm_reruns, sig: _Interrupts, verbose: int) -> SweepResult:
+    import ray
+
+    from aerl_ray.evalpool import CONFIRM_PLAN, SEARCH_PLAN, confirm_plan_spec, start_pool
+
+    spec, run = setup.spec, setup.run
     reference = _train_reference(spec, run, plan_res)
     ev = spec.evaluation
-    from aerl_ray.evalpool import start_pool
+    plans = {SEARCH_PLAN: dict(ev)}
+    if spec.confirm.get("enabled"):
+        plans[CONFIRM_PLAN] = confirm_plan_spec(spec)
+    dispatcher = f"eval-{setup.run_id}"
+    pool = start_pool(dispatcher, NAMESPACE, int(ev.get("actors", 1)), plans, reference,
+                      spec.seed, float(ev.get("cpus_per_actor", 0.5)),
+                      float(ev.get("gpus_per_actor", 0)) if plan_res["use_gpu"] else 0.0)
+    storage_path, _ = tune_paths(setup)
+    meta = {"run_id": setup.run_id, "fixed": dict(spec.fixed),
+            "objectives": [o.__dict__ for o in spec.objectives], "resources": plan_res,
+            "mode": plan_res["mode"], "base_seed": spec.seed,
+            "scheduler_metric": spec.scheduler.get("metric"), "dispatcher": dispatcher,
+            "namespace": NAMESPACE, "train_storage": storage_path.rstrip("/") + "/train"}
+    fit_seconds = float("nan")
+    try:
+        new = max(0, spec.num_samples - ledger.asked())
+        if reruns or new:
+            logger.info("sweep %s: search, %d trials (%d to run, %d re-run), %d concurrent "
+                        "(%s mode), run dir %s", setup.run_id, spec.num_samples, new,
+                        len(reruns), plan_res["concurrency"], plan_res["mode"], run.root)
+            t0 = time.perf_counter()
+            _fit(ledger, f"search-{attempt}", reruns, True, len(reruns) + new, meta, plan_res,
+                 storage_path, sig, verbose)
+            fit_seconds = time.perf_counter() - t0
+        if spec.confirm.get("enabled"):
+            jobs = _confirm_jobs(setup, ledger)
+            pending = confirm_reruns or [j for j in jobs if not ledger.is_committed(CONFIRM,
+                                                                                   j.key)]
+            if pending:
+                logger.info("confirmation: %d configurations x %d seeds on the test split "
+                            "(%d to run)", len({j.config_id for j in jobs}),
+                            int(spec.confirm["seeds"]), len(pending))
+                _fit(ledger, f"confirm-{attempt}", pending, False, len(pending), meta, plan_res,
+                     storage_path, sig, verbose)
+    finally:
+        ray.kill(pool)
+    ledger.compact()
+    return collect(run, spec, fit_seconds, plan_res["concurrency"], setup)
 
-    dispatcher_name = f"eval-{run_id}"
-    pool = start_pool(dispatcher_name, NAMESPACE, int(ev.get("actors", 1)), dict(ev), reference,
-               spec.seed, float(ev.get("cpus_per_actor", 0.5)),
-               float(ev.get("gpus_per_actor", 0)) if plan_res["use_gpu"] else 0.0)
 
-    # -- Tune + Optuna ----------------------------------------------------------------
-    objectives = [o.__dict__ for o in spec.objectives]
-    meta = {"run_id": run_id, "fixed": dict(spec.fixed), "objectives": objectives,
-            "resources": plan_res, "mode": plan_res["mode"], "base_seed": spec.seed,
-            "scheduler_metric": spec.scheduler.get("metric"),
-            "dispatcher": dispatcher_name, "namespace": NAMESPACE,
-            "train_storage": os.path.join(tune_storage, spec.name + "-train")
-            if "://" not in tune_storage else tune_storage.rstrip("/") + f"/{spec.name}-train"}
+def _confirm_jobs(setup: _Setup, ledger: Ledger):
+    from aerl_ray.confirm import choose_configs, plan_jobs, read_plan, write_plan
+
+    jobs = read_plan(setup.run)
+    if jobs is None:
+        trials = R.read_table(setup.run.trials, key=R.TRIAL_KEY)
+        configs = choose_configs(trials, setup.spec)
+        seeds = set(trials["train_seed"].dropna().astype(int)) if len(trials) else set()
+        jobs = plan_jobs(setup.spec, configs, seeds)
+        write_plan(setup.run, jobs)
+    return jobs
+
+
+def _fit(ledger: Ledger, name: str, tickets, new_trials: bool, count: int, meta: dict,
+         plan_res: dict, storage_path: str, sig: _Interrupts, verbose: int) -> None:
+    from ray import tune
+
+    from aerl_ray.recorder import results_callback
     from aerl_ray.trial import trial_fn
 
-    trainable = tune.with_resources(trial_fn, plan_res["trial_resources"])
-    searcher = None  # a resume restores the pickled searcher; building one would enqueue
-    if resume is None:  # points_to_evaluate into the study again (stray WAITING trials)
-        searcher = searcher_class()(
-            space=spec.define_by_run, metric=[o.name for o in spec.objectives],
-            mode=[o.direction for o in spec.objectives], sampler=make_sampler(spec),
-            points_to_evaluate=[dict(p) for p in spec.points_to_evaluate] or None,
-            study_name=study_name, storage=optuna_rdb)
+    spec = ledger.spec
+    searcher = searcher_class()(ledger, tickets, new_trials=new_trials)
     scheduler = None
-    if spec.scheduler.get("type") == "asha":
+    if spec.scheduler.get("type") == "asha" and new_trials:
         from ray.tune.schedulers import ASHAScheduler
 
         s = spec.scheduler
         scheduler = ASHAScheduler(metric=s["metric"], mode=s.get("mode", "max"),
-                                  time_attr="training_iteration",
+                                  time_attr="epochs_done",
                                   grace_period=int(s.get("grace_period", 1)),
                                   reduction_factor=float(s.get("reduction_factor", 2)),
                                   max_t=int(spec.fixed.get("epochs", 1000)) + 1)
-    callbacks = [results_callback(run, run_id, spec)]
-    run_config = tune.RunConfig(name=spec.name, storage_path=tune_storage, callbacks=callbacks,
-                                verbose=verbose,
-                                failure_config=tune.FailureConfig(max_failures=1))
-    param_space = {"_aerl": meta}
-    if resume is not None:
-        exp = f"{tune_storage.rstrip('/')}/{spec.name}"
-        tuner = tune.Tuner.restore(exp, trainable=trainable, resume_unfinished=True,
-                                   resume_errored=False, restart_errored=False,
-                                   param_space=param_space)
-    else:
-        tuner = tune.Tuner(trainable, param_space=param_space, run_config=run_config,
-                           tune_config=tune.TuneConfig(
-                               search_alg=searcher, scheduler=scheduler,
-                               num_samples=spec.num_samples,
-                               trial_dirname_creator=lambda t: f"trial_{t.trial_id}",
-                               # a new trial reuses a finished trial's process: no
-                               # re-import of torch/Ray per trial (seconds each)
-                               reuse_actors=True,
-                               max_concurrent_trials=plan_res["concurrency"]))
-    logger.info("sweep %s: %d trials, %d concurrent (%s mode), run dir %s", run_id,
-                spec.num_samples, plan_res["concurrency"], plan_res["mode"], run.root)
-    t_fit = time.perf_counter()
+    run_config = tune.RunConfig(
+        name=name, storage_path=storage_path, callbacks=[results_callback(ledger)],
+        verbose=verbose, stop=_stopper(ledger),
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=spec.keep_checkpoints),
+        failure_config=tune.FailureConfig(max_failures=1))
+    tuner = tune.Tuner(
+        tune.with_resources(trial_fn, plan_res["trial_resources"]),
+        param_space={"_aerl": meta}, run_config=run_config,
+        tune_config=tune.TuneConfig(
+            search_alg=searcher, scheduler=scheduler, num_samples=count,
+            trial_dirname_creator=lambda t: f"trial_{t.config['_trial']['key']}",
+            # a new trial reuses a finished trial's process: no re-import of torch/Ray
+            reuse_actors=True, max_concurrent_trials=plan_res["concurrency"]))
+    sig.graceful = True
     try:
         tuner.fit()
-        fit_seconds = time.perf_counter() - t_fit
-        level = ev.get("final_diagnostics", "full")
-        trials = R.read_table(run.trials, key=R.TRIAL_KEY)
-        front = pareto_front(trials, [o.__dict__ for o in spec.objectives])
-        if level != "off" and not front.empty:
-            todo = front[front.get("diagnostics_level", pd.Series("", index=front.index)) != level]
-            logger.info("re-evaluating %d Pareto trials with %s diagnostics", len(todo), level)
-            final_diagnostics(run, pool, todo, level, run_id)
     finally:
-        ray.kill(pool)
-    stale = close_stale_trials(optuna_url, study_name)
-    if stale:
-        logger.info("marked %d stale RUNNING study trials as FAIL", stale)
+        sig.graceful = False
+    if ledger.interrupted.is_set():
+        raise SweepInterrupted(ledger.run.root)
+
+
+def collect(run: R.RunDir, spec: SweepSpec, fit_seconds: float = float("nan"),
+            concurrency: int = 1, setup: _Setup | None = None) -> SweepResult:
+    """The run dir's tables as a :class:`SweepResult` (the search front, the confirmed
+    table)."""
+    from aerl_ray.confirm import confirmed_table
+
     trials = R.read_table(run.trials, key=R.TRIAL_KEY)
-    return SweepResult(run.root, trials, pareto_front(trials, objectives), objectives,
-                       fit_seconds, plan_res["concurrency"])
+    objectives = [o.__dict__ for o in spec.objectives]
+    confirmed = confirmed_table(R.read_table(run.confirm, key=R.CONFIRM_KEY),
+                                R.read_table(run.evals, key=R.EVAL_KEY))
+    paths = {}
+    if setup is not None:
+        sp, tb = tune_paths(setup)
+        paths = {"tune": sp, "tensorboard": tb}
+    return SweepResult(run.root, trials, search_front(trials, spec.objectives), objectives,
+                       fit_seconds, concurrency, confirmed, paths)
 
 
 # ---------------------------------------------------------------------------------------
@@ -317,19 +529,22 @@ def run_sweep(space: str | Path | None = None, run_dir: str | Path | None = None
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m aerl_ray.sweep",
-        description="Multi-objective (clean vs robust accuracy) search over training regimes: "
-                    "Ray Tune + Optuna trials that train with Ray Train and are evaluated by a "
-                    "shared evaluator actor pool.")
+        description="Multi-objective (clean vs robust accuracy) search over training regimes "
+                    "on the validation split, then a confirmation of the front on the test "
+                    "split with new seeds: Ray Tune + Optuna trials that train with Ray Train "
+                    "and are evaluated by a shared evaluator actor pool.")
     p.add_argument("--space", default=None,
                    help=f"search-space YAML (default: {DEFAULT_SPACE.relative_to(DEFAULT_SPACE.parent.parent)})")
     p.add_argument("--run-dir", default=None, help="output dir (default runs/<name>-<time>)")
-    p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue a killed sweep")
+    p.add_argument("--resume", default=None, metavar="RUN_DIR",
+                   help="continue a killed or interrupted sweep (give no flags that change it)")
     p.add_argument("--address", default=None,
                    help="Ray cluster address (auto on a cluster node); default: a local Ray")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray")
     p.add_argument("--storage", default=os.environ.get("AERL_STORAGE"),
                    help="Ray Train/Tune storage: shared path or URI (s3://...); required on "
-                        "multi-node clusters; default: $AERL_STORAGE or the run dir")
+                        "multi-node clusters; runs write under STORAGE/<run_id>/; default: "
+                        "$AERL_STORAGE or the run dir")
     p.add_argument("--optuna-storage", default=os.environ.get("AERL_OPTUNA_STORAGE"),
                    help="SQLAlchemy URL of the Optuna study (default: $AERL_OPTUNA_STORAGE or "
                         "sqlite:///RUN/optuna.db)")
@@ -342,13 +557,73 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def format_pareto(res: SweepResult) -> str:
-    names = [o["name"] for o in res.objectives]
-    cols = ["trial_id", "regime"] + [f"obj_{n}" for n in names] + ["masking_suspected"]
-    cols += sorted(c for c in res.pareto.columns if c.startswith("p_") and c != "p_regime")
-    if res.pareto.empty:
+    """The search front (and trials tied with it within noise), with 95% intervals."""
+    f = res.pareto
+    if f.empty:
         return "(no completed trials)"
-    return res.pareto[[c for c in cols if c in res.pareto.columns]].to_string(
-        index=False, float_format=lambda v: f"{v:.4g}")
+    f = f[f["front_status"] != "dominated"]
+    lines = []
+    names = [o["name"] for o in res.objectives]
+    params = sorted(c for c in f.columns if c.startswith("p_") and c != "p_regime"
+                    and f[c].notna().any())
+    head = ["trial", "regime", *[f"{n} [95% CI] (n)" for n in names], "status",
+            "masking", *[c[2:] for c in params]]
+    body = []
+    for _, r in f.iterrows():
+        cells = [str(r["trial_id"]), str(r["regime"])]
+        for n in names:
+            lo, hi, k = r.get(f"obj_{n}_low"), r.get(f"obj_{n}_high"), r.get(f"obj_{n}_n")
+            cells.append(f"{r[f'obj_{n}']:.3f} [{lo:.3f},{hi:.3f}] ({int(k)})"
+                         if pd.notna(lo) and pd.notna(k) else f"{r[f'obj_{n}']:.3f}")
+        status = r["front_status"] + (f" with {r['tied_with']}" if r.get("tied_with") else "")
+        cells += [status, "YES" if bool(r.get("masking_suspected")) else ""]
+        cells += ["" if pd.isna(r.get(c)) else (f"{r[c]:.3g}" if isinstance(r[c], float)
+                                                else str(r[c])) for c in params]
+        body.append(cells)
+    widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(head)]
+    lines.append("  ".join(h.ljust(w) for h, w in zip(head, widths)))
+    lines += ["  ".join(c.ljust(w) for c, w in zip(b, widths)) for b in body]
+    return "\n".join(lines)
+
+
+def format_confirmed(res: SweepResult, spec: SweepSpec | None = None) -> str:
+    """The confirmed table on test: per configuration, clean and the objectives' attacks
+    at their budgets (mean ± half the 95% interval across seeds; ±w the mean within-seed
+    Wilson half-width)."""
+    from aerl_ray.confirm import fmt_interval
+
+    c = res.confirmed
+    if c.empty:
+        return "(no confirmed configurations)"
+    heads = [(o["attack"], o["norm"], o["eps"]) for o in res.objectives if o.get("attack")]
+    from aerl_ray.attacks.threat import Norm, parse_eps
+
+    lines = [f"{'config':<8}{'regime':<9}{'seeds':>6}  {'clean (test)':<22}"
+             + "".join(f"{a + ' ' + Norm.parse(n).value + ' ' + str(e):<30}" for a, n, e in heads)
+             + "  why"]
+    for cid, g in c.groupby("config_id", sort=True):
+        first = g.iloc[0]
+        cells = [f"{cid:<8}{first['regime']:<9}{int(first['seeds']):>6}  "
+                 f"{fmt_interval(first['clean_mean'], first['clean_low'], first['clean_high']):<22}"]
+        for a, n, e in heads:
+            m = g[(g["attack"] == a) & (g["norm"] == Norm.parse(n).value)
+                  & ((g["eps"] - parse_eps(e)).abs() < 1e-9)]
+            if len(m):
+                r = m.iloc[0]
+                cells.append(f"{fmt_interval(r['robust_mean'], r['robust_low'], r['robust_high'])}"
+                             f" (±w {r['wilson_half']:.3f})".ljust(30))
+            else:
+                cells.append("-".ljust(30))
+        lines.append("".join(cells) + "  " + str(first["why"])
+                     + ("  MASKING" if first["masking_suspected"] else ""))
+    return "\n".join(lines)
+
+
+def command_line(argv: list[str] | None) -> str:
+    import shlex
+
+    return " ".join(["python -m aerl_ray.sweep",
+                     *(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -361,22 +636,33 @@ def main(argv: list[str] | None = None) -> int:
     try:
         res = run_sweep(ns.space, ns.run_dir, address=ns.address, storage=ns.storage,
                         optuna_storage=ns.optuna_storage, resume=ns.resume, smoke=ns.smoke,
-                        num_samples=ns.num_samples, num_cpus=ns.num_cpus)
+                        num_samples=ns.num_samples, num_cpus=ns.num_cpus,
+                        command=command_line(argv))
     except (SweepError, SpaceError, ConfigError) as e:
         fail(parser, e)
+    except (SweepInterrupted, KeyboardInterrupt) as e:
+        where = getattr(e, "run_dir", None)
+        parser.exit(130, f"interrupted; resume with python -m aerl_ray.sweep --resume {where}\n"
+                    if where and R.RunDir(where).is_run_dir()
+                    else "interrupted before the sweep started; nothing was written\n")
     run = R.RunDir(res.run_dir)
     done = res.trials[res.trials["status"] == "COMPLETE"] if not res.trials.empty else res.trials
-    print(f"\n{len(done)} of {len(res.trials)} trials completed.  Pareto set "
-          f"({' vs '.join(o['name'] for o in res.objectives)}):")
+    names = " vs ".join(o["name"] for o in res.objectives)
+    print(f"\n{len(done)} of {len(res.trials)} search trials completed.  Search front on the "
+          f"validation split ({names}; 95% Wilson intervals):")
     print(format_pareto(res))
-    print(f"\nrun dir:      {run.root}\nresults:      {run.trials}  {run.evals}  {run.indicators}"
-          f"\ntensorboard:  tensorboard --logdir {run.root}"
+    print(f"\nrun dir:      {run.root}\nresults:      {run.trials}  {run.evals}  {run.confirm}"
+          f"\ntensorboard:  tensorboard --logdir {res.paths.get('tensorboard', run.tune)}"
           f"\noptuna:       optuna-dashboard {json.loads(run.spec.read_text())['optuna_storage']}")
     if not ns.no_report:
         from analysis.report import write_report
 
-        rep = write_report(run.root, command=" ".join(["python -m aerl_ray.sweep", *(argv or sys.argv[1:])]))
-        print(f"\n{rep.markdown}\nreport:       {rep.paths['report.html']}")
+        rep = write_report(run.root, command=command_line(argv))
+        print(f"\nreport:       {rep.paths['report.html']}")
+    if not res.confirmed.empty:
+        print("\nConfirmed on the test split (retrained with new seeds; mean ± half the 95% "
+              "interval across seeds, ±w = mean within-seed Wilson half-width):")
+        print(format_confirmed(res))
     return 0
 
 

@@ -7,8 +7,9 @@ optional warm-up + linear decay over the real number of steps, gradient clipping
 train/eval modes, devices and logging; regimes only compute losses.
 
 Per epoch it writes a JSON line to ``OUT/metrics.jsonl``, TensorBoard scalars under
-``OUT/tb``, ``OUT/last.pt`` (with optimiser/RNG state for resuming) and ``OUT/best.pt``
-(best clean validation accuracy).
+``OUT/tb``, ``OUT/last.pt`` (with optimiser/RNG state for resuming) and ``OUT/best.pt`` (the
+selected epoch: see :mod:`aerl_ray.selection` -- by default the best robust or clean
+*validation* accuracy among the epochs of the run's final regime).
 
 Usage::
 
@@ -39,6 +40,7 @@ from aerl_ray.models import build_model
 from aerl_ray.passes import PassCounter
 from aerl_ray.regimes import REGIMES, RegimeContext
 from aerl_ray.regimes.schedule import regime_for_epoch
+from aerl_ray.selection import Selector
 
 logger = logging.getLogger(__name__)
 
@@ -64,13 +66,15 @@ class WorkerContext:
     on_epoch: Callable[[dict, Path], None] | None = None  # (metrics, out_dir), all ranks
     resume: dict | None = None  # a loaded last.pt checkpoint
     splits: Splits | None = None  # pre-loaded data (tests, benchmarks)
+    final_test: bool = True  # measure test accuracy of the kept model at the end (single
+    # runs); a sweep's trials never touch test (the confirmation stage does)
 
 
 @dataclass
 class FitResult:
     model: nn.Module
     info: object
-    metrics: dict  # final: test_acc, best_val_acc, best_epoch, ...
+    metrics: dict  # final: the last epoch's metrics + totals, selection, test_acc
     history: list[dict] = field(default_factory=list)
     best_path: Path | None = None
     last_path: Path | None = None
@@ -161,7 +165,10 @@ def train_loop(cfg: TrainConfig, out_dir: str | os.PathLike,
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(
         s, horizon["steps"], cfg.warmup_epochs * steps_per_epoch, cfg.final_lr_ratio))
 
-    start_epoch, best_val, best_epoch, wall0 = 0, -1.0, -1, 0.0
+    selector = Selector.of(cfg)
+    start_epoch, wall0 = 0, 0.0
+    totals = {"select_fwd_passes": 0, "select_bwd_passes": 0}
+    last_metrics: dict = {}
     if wctx.resume is not None:
         st = wctx.resume["train_state"]
         base.load_state_dict(wctx.resume["model_state"])
@@ -169,9 +176,12 @@ def train_loop(cfg: TrainConfig, out_dir: str | os.PathLike,
         sched.load_state_dict(st["scheduler"])
         gen.set_state(st["generators"][min(wctx.rank, len(st["generators"]) - 1)])
         counter.fwd, counter.bwd = st["fwd_passes"], st["bwd_passes"]
-        start_epoch, best_val, best_epoch = wctx.resume["epoch"] + 1, st["best_val"], st["best_epoch"]
-        wall0 = st["wall_seconds"]
-        logger.info("resuming at epoch %d (best val %.4f)", start_epoch, best_val)
+        selector.load_state(st["selection"])
+        totals.update(st.get("totals") or {})
+        start_epoch, wall0 = wctx.resume["epoch"] + 1, st["wall_seconds"]
+        last_metrics = dict(wctx.resume.get("metrics") or {})
+        logger.info("resuming at epoch %d (kept epoch %d so far)", start_epoch,
+                    selector.best_epoch)
 
     @contextlib.contextmanager
     def attack_mode():  # inner attacks of adversarial regimes see the model in eval mode
@@ -229,31 +239,44 @@ def train_loop(cfg: TrainConfig, out_dir: str | os.PathLike,
                 sums["reward"] += stats["reward"] * len(y)
                 sums["reward_n"] += len(y)
         model.eval()
+        last_epoch = budget_spent or epoch == cfg.epochs - 1
         with counter.paused():  # compute figures count training passes only
             val_acc = accuracy(model, splits.x_val, splits.y_val, cfg.eval_batch_size, device)
             grad_norm = input_grad_norm(model, gx, gy, device)
+            sel = (selector.measure(base, splits.x_val, splits.y_val, val_acc, cfg.seed,
+                                    cfg.eval_batch_size, device)
+                   if selector.candidate(epoch) else {"val_robust_acc": None,
+                                                      "select_fwd": 0, "select_bwd": 0})
+        totals["select_fwd_passes"] += sel["select_fwd"] * wctx.world_size
+        totals["select_bwd_passes"] += sel["select_bwd"] * wctx.world_size
+        kept = selector.offer(epoch, active, val_acc, sel["val_robust_acc"], last_epoch)
         m = {"epoch": epoch, "regime_active": active,
              "train_loss": sums["loss"] / max(1, sums["n"]),
              "train_acc": sums["correct"] / max(1, sums["n"]),
              "mean_reward": (sums["reward"] / sums["reward_n"]) if sums["reward_n"] else None,
-             "val_acc": val_acc, "input_grad_norm": grad_norm,
+             "val_acc": val_acc, "val_robust_acc": sel["val_robust_acc"],
+             "input_grad_norm": grad_norm,
              "fwd_passes": counter.fwd * wctx.world_size,
-             "bwd_passes": counter.bwd * wctx.world_size,
+             "bwd_passes": counter.bwd * wctx.world_size, **totals,
              "lr": sched.get_last_lr()[0], "epoch_seconds": time.perf_counter() - t0,
-             "wall_seconds": time.perf_counter() - t_start}
-        if val_acc > best_val:
-            best_val, best_epoch = val_acc, epoch
-        m.update(best_val_acc=best_val, best_epoch=best_epoch)
+             "wall_seconds": time.perf_counter() - t_start, "selected": kept,
+             "selected_epoch": selector.best_epoch, "epochs_done": epoch + 1}
         history.append(m)
-        logger.info("epoch %d %s loss %.4f train_acc %.4f val_acc %.4f", epoch, active,
-                    m["train_loss"], m["train_acc"], val_acc)
+        last_metrics = m
+        logger.info("epoch %d %s loss %.4f train_acc %.4f val_acc %.4f%s%s", epoch, active,
+                    m["train_loss"], m["train_acc"], val_acc,
+                    "" if sel["val_robust_acc"] is None
+                    else f" val_robust_acc {sel['val_robust_acc']:.4f}",
+                    " (kept)" if kept else "")
         if chief:
             state = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                      "generators": [gen.get_state()], "fwd_passes": counter.fwd,
-                     "bwd_passes": counter.bwd, "best_val": best_val, "best_epoch": best_epoch,
-                     "wall_seconds": m["wall_seconds"]}
-            if best_epoch == epoch:
-                atomic_torch_save(make_checkpoint(base, flat, info, epoch, m), out / "best.pt")
+                     "bwd_passes": counter.bwd, "selection": selector.state(),
+                     "totals": dict(totals), "wall_seconds": m["wall_seconds"]}
+            if kept:
+                atomic_torch_save(make_checkpoint(base, flat, info, epoch, m,
+                                                  selection=selector.info(epoch)),
+                                  out / "best.pt")
             atomic_torch_save(make_checkpoint(base, flat, info, epoch, m, state), out / "last.pt")
             _append_jsonl(out / "metrics.jsonl", m)
             for k, v in m.items():
@@ -269,16 +292,29 @@ def train_loop(cfg: TrainConfig, out_dir: str | os.PathLike,
     counter.remove()
     if writer is not None:
         writer.close()
-    return _finish(cfg, base, info, splits, out, history, device, chief)
+    return _finish(cfg, base, info, splits, out, history, last_metrics, device, chief,
+                   wctx.final_test)
 
 
-def _finish(cfg, base, info, splits, out, history, device, chief) -> FitResult:
+def _finish(cfg, base, info, splits, out, history, last_metrics, device, chief,
+            final_test: bool = True) -> FitResult:
+    """Load the kept weights, add test accuracy, write final.json.
+
+    The totals (passes, seconds) come from the last epoch's metrics, which a resumed run
+    restores from its checkpoint: a run resumed after its last epoch reports what it cost."""
     best_path, last_path = out / "best.pt", out / "last.pt"
+    final = dict(last_metrics)
     if best_path.exists():
-        base.load_state_dict(load_checkpoint(best_path)["model_state"])
+        best = load_checkpoint(best_path)
+        base.load_state_dict(best["model_state"])
+        sel = dict(best.get("selection") or {})
+        final.update(best_epoch=int(best["epoch"]), best_val_acc=sel.get("val_acc"),
+                     best_val_robust_acc=sel.get("val_robust_acc"),
+                     selected_regime=sel.get("regime"), selection=sel.get("reason", ""))
     base.eval()
-    final = dict(history[-1]) if history else {}
-    final["test_acc"] = accuracy(base, splits.x_test, splits.y_test, cfg.eval_batch_size, device)
+    if final_test:
+        final["test_acc"] = accuracy(base, splits.x_test, splits.y_test, cfg.eval_batch_size,
+                                     device)
     if chief:  # temp file + rename, like every other result file
         tmp = out / ".final.json.tmp"
         tmp.write_text(json.dumps(final, indent=1))
@@ -311,22 +347,70 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
     return rows
 
 
+class RunDirError(ValueError):
+    """``--out``/``--resume`` would overwrite, damage or miss a run; says what to do."""
+
+
 def fit(cfg: TrainConfig, out_dir: str | os.PathLike, resume: bool = False,
-        splits: Splits | None = None) -> FitResult:
-    """Train in this process (no Ray).  ``resume=True`` continues from ``OUT/last.pt``."""
+        splits: Splits | None = None, overwrite: bool = False) -> FitResult:
+    """Train in this process (no Ray).
+
+    ``resume=True`` continues from ``OUT/last.pt`` (a finished run is returned as it is,
+    untouched); otherwise ``OUT`` must not hold a run unless ``overwrite=True``."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     state = None
-    if resume and (out / "last.pt").exists():
+    if resume:
+        if not (out / "last.pt").is_file():
+            raise RunDirError(f"nothing to resume in {out} (no last.pt); run without --resume "
+                              "to start a new run there")
         state = load_checkpoint(out / "last.pt")
-        if state["config"] != cfg.to_flat():
-            raise ValueError(f"{out}/last.pt was trained with a different config; use another "
-                             "--out or the same flags to resume")
-    elif not resume:
-        for name in ("metrics.jsonl", "best.pt", "last.pt", "final.json"):
-            (out / name).unlink(missing_ok=True)
+        diff = config_diff(state["config"], cfg.to_flat())
+        if diff:
+            raise RunDirError(f"{out}/last.pt was trained with different settings: {diff}; "
+                              "resume with the original flags (see its config.json) or "
+                              "train into another --out")
+        if run_finished(cfg, state) and (out / "final.json").is_file():
+            logger.info("%s already finished at epoch %d; nothing to resume", out,
+                        state["epoch"])
+            return load_fit_result(out)
+    else:
+        existing = [n for n in ("last.pt", "best.pt", "metrics.jsonl", "final.json")
+                    if (out / n).exists()]
+        if existing and not overwrite:
+            raise RunDirError(f"{out} already holds a run ({', '.join(existing)}); use --resume "
+                              "to continue it, --overwrite to replace it, or another --out")
+        for name in existing:
+            (out / name).unlink()
+    out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(cfg.to_flat(), indent=1))
     return train_loop(cfg, out, WorkerContext(resume=state, splits=splits))
+
+
+def config_diff(old: dict, new: dict) -> str:
+    """'lr: 0.001 -> 0.002, epochs: 10 -> 12' for the keys that differ ('' if none)."""
+    keys = sorted(set(old) | set(new), key=str)
+    return ", ".join(f"{k}: {old.get(k, '(unset)')!r} -> {new.get(k, '(unset)')!r}"
+                     for k in keys if old.get(k) != new.get(k))
+
+
+def run_finished(cfg: TrainConfig, last: dict) -> bool:
+    """Did the run of checkpoint ``last`` (a last.pt) train all it was asked to?"""
+    st = last.get("train_state") or {}
+    spent = st.get("fwd_passes", 0) + st.get("bwd_passes", 0)
+    return int(last["epoch"]) + 1 >= cfg.epochs or bool(cfg.pass_budget and
+                                                          spent >= cfg.pass_budget)
+
+
+def load_fit_result(out: str | os.PathLike) -> FitResult:
+    """The result of a finished run, read from its files (nothing is recomputed)."""
+    from aerl_ray.checkpoint import model_from_checkpoint
+
+    out = Path(out)
+    best = out / "best.pt"
+    model, info = model_from_checkpoint(best)
+    final = json.loads((out / "final.json").read_text())
+    history = read_metrics(out / "metrics.jsonl") if (out / "metrics.jsonl").exists() else []
+    return FitResult(model, info, final, history, best, out / "last.pt")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -337,29 +421,35 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train one classifier (SL, RL, adversarial, hybrid, baselines) and write "
                     "best.pt/last.pt checkpoints, metrics.jsonl and TensorBoard events to --out.")
     p.add_argument("--out", required=True, help="output directory of the run")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in OUT from its last.pt (same flags)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a run already in OUT (default: refuse)")
     p.add_argument("--log-level", default="INFO", help="logging level (default: INFO)")
     add_config_arguments(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    from aerl_ray.cli import config_from_args, fail, setup_logging
+    from aerl_ray.cli import config_from_args, fail, normalize_argv, setup_logging
     from aerl_ray.config import ConfigError
     from aerl_ray.data import DatasetUnavailableError
 
     parser = build_parser()
-    ns = parser.parse_args(argv)
+    ns = parser.parse_args(normalize_argv(argv))
     setup_logging(ns.log_level)
     try:
         cfg = config_from_args(ns)
-        res = fit(cfg, ns.out, resume=ns.resume)
+        res = fit(cfg, ns.out, resume=ns.resume, overwrite=ns.overwrite)
     except (ConfigError, DatasetUnavailableError, DivergedError, ValueError, RuntimeError) as e:
         fail(parser, e)
+    except KeyboardInterrupt:
+        parser.exit(130, f"interrupted; resume with python -m aerl_ray.train --resume "
+                         f"--out {ns.out} (and the same flags)\n")
     m = res.metrics
     print(f"trained {cfg.model.model} ({cfg.regime.regime}) on {cfg.data.dataset}: "
-          f"test_acc {m['test_acc']:.4f}, best val_acc {m['best_val_acc']:.4f} "
-          f"(epoch {m['best_epoch']}), {m['fwd_passes']} fwd / {m['bwd_passes']} bwd passes, "
+          f"test_acc {m['test_acc']:.4f} of the kept epoch {m.get('best_epoch')} "
+          f"({m.get('selection', '')}); {m['fwd_passes']} fwd / {m['bwd_passes']} bwd passes, "
           f"{m['wall_seconds']:.1f}s")
     print(f"checkpoints: {res.best_path}, {res.last_path}; metrics: {Path(ns.out) / 'metrics.jsonl'}"
           f"; tensorboard --logdir {Path(ns.out) / 'tb'}")

@@ -21,7 +21,7 @@ import json
 import logging
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
 from typing import Any, Sequence
@@ -146,8 +146,25 @@ class RunData:
     run: RunDir
     spec: dict
     trials: pd.DataFrame
-    evals: pd.DataFrame
+    evals: pd.DataFrame  # every phase and split (see search_evals / confirm_evals)
     indicators: pd.DataFrame
+    confirm: pd.DataFrame = field(default_factory=pd.DataFrame)
+    epochs: pd.DataFrame = field(default_factory=pd.DataFrame)
+
+    @property
+    def objectives(self) -> list[dict]:
+        return [o for o in self.spec.get("objectives") or [] if isinstance(o, dict)]
+
+    @property
+    def search_evals(self) -> pd.DataFrame:
+        """Evaluation rows of the search (validation split; older runs: all rows)."""
+        ev = self.evals
+        return ev[ev["phase"] != "confirm"] if "phase" in ev else ev
+
+    @property
+    def confirm_evals(self) -> pd.DataFrame:
+        ev = self.evals
+        return ev[ev["phase"] == "confirm"] if "phase" in ev else ev.iloc[0:0]
 
     @property
     def param_columns(self) -> list[str]:
@@ -197,9 +214,11 @@ def load_run(run_dir: str | Path) -> RunData:
         trials = trials.drop_duplicates("trial_id", keep="last").reset_index(drop=True)
     evals = _canon_eps(results.read_table(run.evals, key=results.EVAL_KEY))
     inds = _canon_eps(results.read_table(run.indicators, key=results.INDICATOR_KEY))
-    logger.info("%s: %d trials, %d eval rows, %d indicator rows", run.root, len(trials),
-                len(evals), len(inds))
-    return RunData(run, spec, trials, evals, inds)
+    confirm = results.read_table(run.confirm, key=results.CONFIRM_KEY)
+    epochs = results.read_table(run.epochs, key=results.EPOCH_KEY)
+    logger.info("%s: %d trials, %d eval rows, %d indicator rows, %d confirmation runs",
+                run.root, len(trials), len(evals), len(inds), len(confirm))
+    return RunData(run, spec, trials, evals, inds, confirm, epochs)
 
 
 # --- headline metric ---------------------------------------------------------------------------
@@ -250,7 +269,7 @@ def choose_headline(data: RunData, attack: str | None = None, norm: str | None =
     """Pick (attack, norm, eps): the given filters, then the sweep's robust objective, then the
     largest-eps autoattack, then the largest-eps pgd, then the largest eps of anything."""
     norm_n, eps_f = normalize_norm(norm), parse_eps(eps)
-    avail = available_metrics(data.evals)
+    avail = available_metrics(data.search_evals)
     cand = avail
     if attack is not None:
         cand = cand[cand["attack"].str.lower() == str(attack).strip().lower()]
@@ -291,7 +310,7 @@ def metric_table(data: RunData, attack: str, norm: str, eps: float) -> pd.DataFr
     tr = data.trials.copy()
     if tr.empty:
         return tr
-    ev = data.evals
+    ev = data.search_evals
     if not ev.empty:
         ev = ev[(ev["attack"] == attack) & (ev["norm"] == norm)
                 & eps_mask(ev["eps"], eps)].copy()
@@ -354,7 +373,7 @@ def require_completed(data: RunData) -> None:
 
 def attacks_at(data: RunData, norm: str, eps: float) -> list[str]:
     """Attacks evaluated at (norm, eps), in a stable order: autoattack, pgd, then the rest."""
-    ev = data.evals
+    ev = data.search_evals
     if ev.empty:
         return []
     names = set(ev[(ev["norm"] == norm) & eps_mask(ev["eps"], eps)]["attack"])

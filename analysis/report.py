@@ -19,13 +19,19 @@ import pandas as pd
 
 from analysis import plots
 from analysis.importance import param_importances
+from aerl_ray.confirm import confirmed_table
+from aerl_ray.front import DOMINATED, TIED, search_front
 from analysis.pareto import (DEFAULT_REF, Headline, RunData, attacks_at, choose_headline,
-                             front_of, hypervolume_2d, load_run, markdown_table, metric_table,
+                             hypervolume_2d, load_run, markdown_table, metric_table,
                              require_completed)
+from analysis.tables import robustbench_records, write_robustbench, write_tables
 
 logger = logging.getLogger(__name__)
 
 FIGURES = ("pareto.png", "curves.png", "indicators.png", "importance.png", "compute.png")
+_FRONT_TAIL = ["front_status", "tied_with", "dominated_by", "val_acc", "ckpt_epoch",
+               "ckpt_regime", "ckpt_reason", "masking_suspected", "epochs_run",
+               "train_fwd_passes", "train_bwd_passes", "train_seconds", "checkpoint"]
 _BASE_COLS = ["trial_id", "regime", "clean_acc", "robust_acc", "ci_low", "ci_high", "n",
               "attack", "norm", "eps", "eps_str"]
 _HTML_SKIP = {"attack", "norm", "eps", "eps_str", "checkpoint", "eval_seconds"}  # in the heading
@@ -37,23 +43,38 @@ _TAIL_COLS = ["masking_suspected", "flags", "epochs_run", "train_fwd_passes",
 class ReportResult:
     out_dir: Path
     paths: dict[str, Path]            # file name -> path (figures, pareto.csv, report.html)
-    pareto: pd.DataFrame              # the front at the headline metric (pareto.csv)
+    pareto: pd.DataFrame              # the search front (pareto.csv): aerl_ray.front
     markdown: str                     # the terminal summary
     headline: Headline
     hypervolume: float
     ref: tuple[float, float]
     table: pd.DataFrame = field(repr=False, default_factory=pd.DataFrame)  # all trials
+    confirmed: pd.DataFrame = field(repr=False, default_factory=pd.DataFrame)
 
 
 def front_columns(table: pd.DataFrame, param_cols: Sequence[str]) -> list[str]:
     return [c for c in [*_BASE_COLS, *param_cols, *_TAIL_COLS] if c in table.columns]
 
 
+def search_front_table(data: RunData) -> pd.DataFrame:
+    """The search front and the trials tied with it within noise: ``pareto.csv``, the
+    report's Pareto section and the sweep's printout (one function: aerl_ray.front)."""
+    f = search_front(data.trials, data.objectives)
+    if f.empty:
+        return f
+    f = f[f["front_status"] != DOMINATED]
+    obj = [c for o in data.objectives for c in (f"obj_{o['name']}", f"obj_{o['name']}_low",
+                                                f"obj_{o['name']}_high", f"obj_{o['name']}_n")]
+    cols = ["trial_id", "regime", "on_front", *obj, *data.param_columns, *_FRONT_TAIL]
+    return f[[c for c in dict.fromkeys(cols) if c in f.columns]].reset_index(drop=True)
+
+
 def write_report(run_dir: str | Path, out_dir: str | Path | None = None, attack: str | None = None,
                  norm: str | None = None, eps: str | float | None = None,
                  ref: Sequence[float] = DEFAULT_REF, command: str | None = None) -> ReportResult:
-    """Analyse ``run_dir`` and write figures, pareto.csv and report.html to ``out_dir``
-    (default RUN/report).  Raises AnalysisError on bad input before writing anything."""
+    """Analyse ``run_dir`` and write figures, pareto.csv, the confirmed tables and
+    report.html to ``out_dir`` (default RUN/report).  Raises AnalysisError on bad input
+    before writing anything."""
     data = load_run(run_dir)
     require_completed(data)
     head = choose_headline(data, attack=attack, norm=norm, eps=eps)
@@ -71,27 +92,34 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None, attack:
     hv = {a: hypervolume_2d(t.loc[t["on_front"], ["clean_acc", "robust_acc"]], ref)
           for a, t in tables.items()}
     params = data.param_columns
-    front = front_of(table)[front_columns(table, params)].reset_index(drop=True)
+    front = search_front_table(data)
     paths: dict[str, Path] = {}
     paths["pareto.csv"] = out / "pareto.csv"
     front.to_csv(paths["pareto.csv"], index=False)
 
     colors = plots.regime_colors(data.trials.get("regime", pd.Series(["?"])).fillna("?").astype(str))
     paths["pareto.png"] = plots.plot_pareto(tables, head, hv, ref, colors, out / "pareto.png")
-    paths["curves.png"] = plots.plot_curves(data.evals, table, head, colors, out / "curves.png")
+    paths["curves.png"] = plots.plot_curves(data.search_evals, table, head, colors,
+                                            out / "curves.png")
     paths["indicators.png"] = plots.plot_indicators(data.indicators, table, head, colors,
                                                     out / "indicators.png")
     paths["importance.png"] = plots.plot_importance(param_importances(data), table, params, head,
                                                     colors, out / "importance.png")
     paths["compute.png"] = plots.plot_compute(table, head, colors, out / "compute.png")
 
-    md = summary_markdown(data, head, table, front, hv[head.attack], ref, params)
+    confirmed = confirmed_table(data.confirm, data.evals)
+    if not confirmed.empty:
+        paths.update(write_tables(confirmed, out))
+        for p in write_robustbench(robustbench_records(confirmed, data.confirm, data.spec), out):
+            paths[f"robustbench/{p.name}"] = p
+    md = summary_markdown(data, head, front, hv[head.attack], ref, params, confirmed)
     paths["report.html"] = out / "report.html"
     paths["report.html"].write_text(render_html(data, head, table, front, hv, ref, params,
-                                                command, {k: paths[k] for k in FIGURES}, md),
+                                                command, {k: paths[k] for k in FIGURES}, md,
+                                                confirmed),
                                     encoding="utf-8")
     logger.info("report written to %s", paths["report.html"])
-    return ReportResult(out, paths, front, md, head, hv[head.attack], ref, table)
+    return ReportResult(out, paths, front, md, head, hv[head.attack], ref, table, confirmed)
 
 
 # --- summaries -----------------------------------------------------------------------------------
@@ -106,18 +134,27 @@ def _pending(table: pd.DataFrame) -> int:
     return int((~np.isfinite(c["robust_acc"])).sum())
 
 
-def summary_markdown(data: RunData, head: Headline, table: pd.DataFrame, front: pd.DataFrame,
-                     hv: float, ref: tuple[float, float], params: Sequence[str]) -> str:
+def summary_markdown(data: RunData, head: Headline, front: pd.DataFrame, hv: float,
+                     ref: tuple[float, float], params: Sequence[str],
+                     confirmed: pd.DataFrame | None = None) -> str:
     show = front.copy()
     if "masking_suspected" in show:
         show["masking_suspected"] = show["masking_suspected"].map({True: "YES", False: ""})
-    cols = ["trial_id", "regime", "clean_acc", "robust_acc", "ci_low", "ci_high",
-            "masking_suspected", *params]
-    lines = [f"## Pareto front — run {data.spec.get('run_id', '?')}",
-             f"headline: {head.label}; hypervolume {hv:.4f} vs ref ({ref[0]:g}, {ref[1]:g})",
-             f"trials: {_status_counts(data)}; front: {len(front)}"
-             + (f"; {_pending(table)} COMPLETE trial(s) without this eval yet" if _pending(table) else ""),
+    names = [o["name"] for o in data.objectives]
+    cols = ["trial_id", "regime", *[f"obj_{n}" for n in names],
+            *[f"obj_{n}_{b}" for n in names for b in ("low", "high")], "front_status",
+            "masking_suspected", "ckpt_epoch", *params]
+    lines = [f"## Search front — run {data.spec.get('run_id', '?')} (validation split)",
+             f"objectives: {', '.join(names)} (95% Wilson intervals); trials: "
+             f"{_status_counts(data)}; on the front: {int(front['on_front'].sum()) if len(front) else 0}"
+             f", tied within noise: {int((front.get('front_status', pd.Series(dtype=str)) == TIED).sum())}",
+             f"headline panel: {head.label}; hypervolume {hv:.4f} vs ref ({ref[0]:g}, {ref[1]:g})",
              "", markdown_table(show, cols) if len(show) else "(no trial on the front yet)"]
+    if confirmed is not None and not confirmed.empty:
+        from analysis.tables import paper_table, to_markdown
+
+        lines += ["", "## Confirmed on the test split (new seeds)", "",
+                  to_markdown(paper_table(confirmed))]
     return "\n".join(lines)
 
 
@@ -130,7 +167,7 @@ pre{padding:8px;white-space:pre-wrap;word-break:break-all}
 table.data{border-collapse:collapse;font-size:12px;margin:8px 0}
 table.data th,table.data td{border:1px solid #ccc;padding:3px 6px;text-align:right}
 table.data th{background:#f0f0f0} table.data td.t{text-align:left}
-tr.masking td{background:#fde2e2} tr.nonfront td{color:#888}
+tr.masking td{background:#fde2e2} tr.nonfront td{color:#888} tr.tied td{background:#fff6d6}
 .warn{color:#b00;font-weight:bold} figure{margin:12px 0} figure img{max-width:100%;border:1px solid #eee}
 figcaption{font-size:12px;color:#555} .scroll{overflow-x:auto;max-width:100%}
 """
@@ -180,7 +217,8 @@ def _img(path: Path) -> str:
 
 def render_html(data: RunData, head: Headline, table: pd.DataFrame, front: pd.DataFrame,
                 hv: dict[str, float], ref: tuple[float, float], params: Sequence[str],
-                command: str, figures: dict[str, Path], md: str) -> str:
+                command: str, figures: dict[str, Path], md: str,
+                confirmed: pd.DataFrame | None = None) -> str:
     spec, e = data.spec, html.escape
     created = spec.get("created_at")
     created_s = (_dt.datetime.fromtimestamp(created).isoformat(timespec="seconds")
@@ -204,7 +242,24 @@ def render_html(data: RunData, head: Headline, table: pd.DataFrame, front: pd.Da
     all_cols = ["trial_id", "status", "regime", "clean_acc", "robust_acc", "ci_low", "ci_high", "n",
                 "on_front", "masking_suspected", "flags", "error", *params]
     ordered = table.sort_values(["on_front", "robust_acc"], ascending=[False, False])
-    fr_cls = lambda r: "masking" if bool(r.get("masking_suspected")) else ""
+    fr_cls = lambda r: "masking" if bool(r.get("masking_suspected")) else (
+        "tied" if r.get("front_status") == TIED else "")
+    names = [o["name"] for o in data.objectives]
+    front_cols = ["trial_id", "regime", *[f"obj_{n}{b}" for n in names
+                                          for b in ("", "_low", "_high", "_n")],
+                  "front_status", "tied_with", "masking_suspected", "ckpt_epoch",
+                  "ckpt_regime", "ckpt_reason", *params]
+    conf_html = ""
+    if confirmed is not None and not confirmed.empty:
+        from analysis.tables import paper_table
+
+        t = paper_table(confirmed)
+        conf_html = (f"<h2 id=\"confirmed\">Confirmed on the test split ({t['config_id'].nunique()} "
+                     f"configurations, new seeds)</h2><p>Mean across seeds with its 95% Student-t "
+                     f"interval (robust_low/high), the mean within-seed Wilson half-width, n test "
+                     f"images per seed; written to table.md/csv/tex and robustbench/*.json.</p>"
+                     + _html_table(t, list(t.columns), row_class=lambda r: "masking"
+                                   if bool(r.get("masking_suspected")) else ""))
     all_cls = lambda r: "masking" if bool(r.get("masking_suspected")) else (
         "" if bool(r.get("on_front")) else "nonfront")
     figs = "".join(_img(p) for p in figures.values())
@@ -217,8 +272,10 @@ def render_html(data: RunData, head: Headline, table: pd.DataFrame, front: pd.Da
 <h1>aerl-ray sweep report — {e(str(spec.get('run_id', '?')))}</h1>
 <table class="meta">{meta_html}</table>
 {warn}
-<h2 id="pareto">Pareto trials ({len(front)}) — {e(head.label)}</h2>
-{_html_table(front, [c for c in front_columns(front, params) if c not in _HTML_SKIP], row_class=fr_cls) if len(front) else "<p>No trial on the front yet.</p>"}
+<h2 id="pareto">Search front ({int(front["on_front"].sum()) if len(front) else 0} trials, validation split; {int((front.get("front_status", pd.Series(dtype=str)) == TIED).sum())} tied within noise)</h2>
+<p>Objectives with 95% Wilson intervals: a trial is dominated only when another beats it beyond the intervals; trials whose difference the intervals cannot resolve are marked <i>tied within noise</i>. The same function gives the sweep's printout, pareto.csv and the study's best trials.</p>
+{_html_table(front, front_cols, row_class=fr_cls) if len(front) else "<p>No trial on the front yet.</p>"}
+{conf_html}
 <h2>Figures</h2>
 {figs}
 <h2>All trials</h2>
@@ -227,7 +284,7 @@ def render_html(data: RunData, head: Headline, table: pd.DataFrame, front: pd.Da
 <p>Produced by:</p><pre>{e(command)}</pre>
 <p>Sweep command:</p><pre>{e(str(spec.get('command', '?')))}</pre>
 <p>Generated {e(_dt.datetime.now().isoformat(timespec='seconds'))} from the run dir's result files only
-(sweep.json, trials.parquet, evals.parquet, indicators.parquet, the Optuna study).</p>
+(sweep.json, trials.parquet, evals.parquet, indicators.parquet, confirm.parquet, the Optuna study).</p>
 <h2>Terminal summary</h2><pre>{e(md)}</pre>
 </body></html>
 """

@@ -22,6 +22,17 @@ def regime_for_epoch(cfg, epoch: int) -> str:
     return name
 
 
+def final_regime_start(cfg, epochs: int) -> int:
+    """The first epoch (0-based) in which the run's final regime is active: the epochs a
+    checkpoint may be selected from (a hybrid trial is judged on its RL phase)."""
+    name, start = cfg.regime, cfg.start_adv_epoch
+    if name in ("sl_adv", "rl_adv"):
+        return max(start, 0)
+    if name == "hybrid":
+        return max(cfg.switch_epoch, start) if start >= 0 else cfg.switch_epoch
+    return 0
+
+
 @REGIMES.register("hybrid")
 def hybrid(model, x, y, ctx):
     """SL until ``switch_epoch``, then RL (the paper's future-work suggestion)."""
