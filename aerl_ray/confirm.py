@@ -22,7 +22,7 @@ from typing import Any, Sequence
 import pandas as pd
 
 from aerl_ray import results as R
-from aerl_ray.front import DOMINATED, search_front
+from aerl_ray.front import FRONT, TIED, search_front
 from aerl_ray.ledger import CONFIRM, Ticket, confirm_key, search_seed
 from aerl_ray.stats import seed_interval
 
@@ -40,7 +40,7 @@ def choose_configs(trials: pd.DataFrame, spec) -> list[dict[str, Any]]:
     front = search_front(trials, spec.objectives)
     chosen: dict[str, dict[str, Any]] = {}
     for _, r in front.iterrows():
-        if r["front_status"] != DOMINATED:
+        if r["front_status"] in (FRONT, TIED):
             chosen[str(r["trial_id"])] = {"why": [str(r["front_status"])], "row": r}
     if spec.confirm.get("configs", "front+best") == "front+best" and len(front):
         o = primary_objective(spec)

@@ -561,7 +561,7 @@ def format_pareto(res: SweepResult) -> str:
     f = res.pareto
     if f.empty:
         return "(no completed trials)"
-    f = f[f["front_status"] != "dominated"]
+    f = f[f["front_status"].isin(["front", "tied within noise"])]
     lines = []
     names = [o["name"] for o in res.objectives]
     params = sorted(c for c in f.columns if c.startswith("p_") and c != "p_regime"

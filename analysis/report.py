@@ -20,7 +20,7 @@ import pandas as pd
 from analysis import plots
 from analysis.importance import param_importances
 from aerl_ray.confirm import confirmed_table
-from aerl_ray.front import DOMINATED, TIED, search_front
+from aerl_ray.front import FRONT, TIED, search_front
 from analysis.pareto import (DEFAULT_REF, Headline, RunData, attacks_at, choose_headline,
                              hypervolume_2d, load_run, markdown_table, metric_table,
                              require_completed)
@@ -62,7 +62,7 @@ def search_front_table(data: RunData) -> pd.DataFrame:
     f = search_front(data.trials, data.objectives)
     if f.empty:
         return f
-    f = f[f["front_status"] != DOMINATED]
+    f = f[f["front_status"].isin([FRONT, TIED])]
     obj = [c for o in data.objectives for c in (f"obj_{o['name']}", f"obj_{o['name']}_low",
                                                 f"obj_{o['name']}_high", f"obj_{o['name']}_n")]
     cols = ["trial_id", "regime", "on_front", *obj, *data.param_columns, *_FRONT_TAIL]
@@ -112,7 +112,8 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None, attack:
         paths.update(write_tables(confirmed, out))
         for p in write_robustbench(robustbench_records(confirmed, data.confirm, data.spec), out):
             paths[f"robustbench/{p.name}"] = p
-    md = summary_markdown(data, head, front, hv[head.attack], ref, params, confirmed)
+    md = summary_markdown(data, head, front, hv[head.attack], ref, params, confirmed,
+                          _pending(table))
     paths["report.html"] = out / "report.html"
     paths["report.html"].write_text(render_html(data, head, table, front, hv, ref, params,
                                                 command, {k: paths[k] for k in FIGURES}, md,
@@ -136,7 +137,7 @@ def _pending(table: pd.DataFrame) -> int:
 
 def summary_markdown(data: RunData, head: Headline, front: pd.DataFrame, hv: float,
                      ref: tuple[float, float], params: Sequence[str],
-                     confirmed: pd.DataFrame | None = None) -> str:
+                     confirmed: pd.DataFrame | None = None, pending: int = 0) -> str:
     show = front.copy()
     if "masking_suspected" in show:
         show["masking_suspected"] = show["masking_suspected"].map({True: "YES", False: ""})
@@ -148,7 +149,8 @@ def summary_markdown(data: RunData, head: Headline, front: pd.DataFrame, hv: flo
              f"objectives: {', '.join(names)} (95% Wilson intervals); trials: "
              f"{_status_counts(data)}; on the front: {int(front['on_front'].sum()) if len(front) else 0}"
              f", tied within noise: {int((front.get('front_status', pd.Series(dtype=str)) == TIED).sum())}",
-             f"headline panel: {head.label}; hypervolume {hv:.4f} vs ref ({ref[0]:g}, {ref[1]:g})",
+             f"headline panel: {head.label}; hypervolume {hv:.4f} vs ref ({ref[0]:g}, {ref[1]:g})"
+             + (f"; {pending} COMPLETE trial(s) without this eval yet" if pending else ""),
              "", markdown_table(show, cols) if len(show) else "(no trial on the front yet)"]
     if confirmed is not None and not confirmed.empty:
         from analysis.tables import paper_table, to_markdown

@@ -43,13 +43,18 @@ TRIALS = [
                                                                 switch_epoch=5)),
 ]
 REGIMES = ["sl", "sl_adv", "rl", "rl_adv", "hybrid"]
+TRIALS_TABLE = results.trials_table(["clean_acc", "robust_aa"], {
+    "lr": results.F64, "regime": results.STR, "explore_eps": results.F64,
+    "switch_epoch": results.I64})
 
 
 def _trial_row(tid, regime, status, clean, masking, params, epochs=10, stale=False):
     rl = regime.startswith("rl") or regime == "hybrid"
     ep = epochs * (3 if rl else 1)
     row = {
-        "run_id": RUN_ID, "trial_id": tid, "status": status,
+        "run_id": RUN_ID, "trial_id": tid, "split": "val",
+        "number": int(tid[1:]) if tid[1:].isdigit() else None,
+        "status": status,
         "error": "" if status == "COMPLETE" else f"{status.lower()} by test",
         "regime": regime, "params": json.dumps({"regime": regime, **params}),
         "config": json.dumps({"regime": regime, **params, "epochs": ep}),
@@ -71,7 +76,8 @@ def _eval_row(tid, regime, attack, norm, eps, eps_str, clean, robust, ckpt=None,
     k = None if robust is None or (isinstance(robust, float) and math.isnan(robust)) else round(robust * N)
     lo, hi = results.wilson_interval(k, N) if k is not None else (math.nan, math.nan)
     return {
-        "run_id": RUN_ID, "trial_id": tid, "checkpoint": ckpt or f"/ck/{tid}/best.pt",
+        "run_id": RUN_ID, "trial_id": tid, "phase": "search", "split": "val",
+        "checkpoint": ckpt or f"/ck/{tid}/best.pt",
         "model": "tiny", "dataset": "digits", "regime": regime, "config_hash": "x" * 12,
         "attack": attack, "norm": norm, "eps": eps, "eps_str": eps_str, "n": N,
         "clean_acc": clean, "robust_acc": math.nan if k is None else robust,
@@ -98,9 +104,9 @@ def make_run_dir(root: Path, with_study: bool = True) -> Path:
 
     # first write of t01 (stale, superseded by the resumed sweep's second write)
     results.append_rows(run.trials, [_trial_row("t01", "sl_adv", "COMPLETE", 0.5, False,
-                                                dict(lr=0.05), stale=True)])
+                                                dict(lr=0.05), stale=True)], TRIALS_TABLE)
     results.append_rows(run.evals, [_eval_row("t01", "sl_adv", "autoattack", "Linf", EPS8, "8/255",
-                                              0.5, 0.2)])
+                                              0.5, 0.2)], results.EVALS)
     trows, erows, irows = [], [], []
     for tid, regime, status, clean, aa8, pgd8, masking, params in TRIALS:
         r = _trial_row(tid, regime, status, clean, masking, params)
@@ -124,12 +130,14 @@ def make_run_dir(root: Path, with_study: bool = True) -> Path:
         for name, val in (("agn", 10 ** (1 - 2 * rob)), ("cos_prev", 0.2 + rob),
                           ("dispersion", 1 - rob), ("entropy_clean", 0.3)):
             irows.append({"run_id": RUN_ID, "trial_id": tid, "checkpoint": f"/ck/{tid}/best.pt",
+                          "phase": "search", "split": "val",
                           "norm": "Linf", "eps": EPS8, "indicator": name, "step": -1, "value": val})
             irows.append({"run_id": RUN_ID, "trial_id": tid, "checkpoint": f"/ck/{tid}/best.pt",
+                          "phase": "search", "split": "val",
                           "norm": "Linf", "eps": EPS8, "indicator": name, "step": 0, "value": val * 2})
-    results.append_rows(run.trials, trows)
-    results.append_rows(run.evals, erows)
-    results.append_rows(run.indicators, irows)
+    results.append_rows(run.trials, trows, TRIALS_TABLE)
+    results.append_rows(run.evals, erows, results.EVALS)
+    results.append_rows(run.indicators, irows, results.INDICATORS)
     if with_study:
         make_study(run)
     return root

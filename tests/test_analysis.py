@@ -113,10 +113,15 @@ def test_report_files(report, run_dir):
     assert report.hypervolume == pytest.approx(EXPECTED_HV)
     assert report.ref == (0.0, 0.0)
     csv = pd.read_csv(report.paths["pareto.csv"])
+    # the search front on the objectives (the values told to the study), one function
     assert set(csv["trial_id"]) == EXPECTED_FRONT and len(csv) == 5
-    assert {"p_lr", "p_explore_eps", "masking_suspected", "flags", "n", "eps_str"} <= set(csv.columns)
-    assert (csv["attack"] == "autoattack").all() and (csv["eps_str"] == "8/255").all()
-    assert list(csv["clean_acc"]) == sorted(csv["clean_acc"], reverse=True)
+    assert {"p_lr", "p_explore_eps", "masking_suspected", "obj_clean_acc", "obj_robust_aa",
+            "front_status"} <= set(csv.columns)
+    status = dict(zip(csv["trial_id"], csv["front_status"]))
+    assert status == {"t00": "front", "t02": "front", "t03": "front",  # identical points:
+                      "t01": "tied within noise", "t05": "tied within noise"}  # tied
+    front = csv[csv["front_status"] == "front"]
+    assert list(front["obj_clean_acc"]) == sorted(front["obj_clean_acc"], reverse=True)
     md = report.markdown
     assert "autoattack Linf ε=8/255 (n=200)" in md and "0.3675" in md
     assert md.count("\n| t0") == 5 and "YES" in md
@@ -146,12 +151,17 @@ def test_partial_run_without_study_or_indicators(tmp_path):
 
     run = tmp_path / "run"
     run.mkdir()
-    (run / "sweep.json").write_text(json.dumps({"run_id": RUN_ID, "study_name": "x",
-                                                "optuna_storage": "sqlite:////nonexistent/o.db"}))
-    results.append_rows(run / "trials.parquet", [
-        _trial_row("a", "sl", "COMPLETE", 0.9, False, dict(lr=0.1)),
-        _trial_row("b", "rl", "COMPLETE", 0.8, False, dict(lr=0.01)),
-        _trial_row("c", "rl", "PRUNED", 0.1, False, dict(lr=0.2))])
+    (run / "sweep.json").write_text(json.dumps({
+        "run_id": RUN_ID, "study_name": "x", "optuna_storage": "sqlite:////nonexistent/o.db",
+        "objectives": [{"name": "clean_acc", "direction": "max"},
+                       {"name": "robust_pgd", "attack": "pgd", "norm": "Linf", "eps": "8/255",
+                        "direction": "max"}]}))
+    rows = [_trial_row("a", "sl", "COMPLETE", 0.9, False, dict(lr=0.1)),
+            _trial_row("b", "rl", "COMPLETE", 0.8, False, dict(lr=0.01)),
+            _trial_row("c", "rl", "PRUNED", 0.1, False, dict(lr=0.2))]
+    for r, v in zip(rows, (0.1, float("nan"), float("nan"))):
+        r["obj_robust_pgd"] = v
+    results.append_rows(run / "trials.parquet", rows)
     results.append_rows(run / "evals.parquet", [
         _eval_row("a", "sl", "pgd", "Linf", EPS8, "8/255", 0.9, 0.1)])  # b not evaluated yet
     res = write_report(run, out_dir=tmp_path / "out")

@@ -199,7 +199,7 @@ def test_sweep_evaluator_returns_diagnostics(sl_model, digits):
     ckpt = make_checkpoint(sl_model, cfg, digits.info, epoch=1, metrics={})
     spec = {"attacks": ["pgd"], "grids": GRID, "n": 32, "batch_size": 32,
             "attack_params": {"pgd": {"steps": 10}}, "indicators": False}
-    res = SweepEvaluator(spec, None, 0).evaluate(ckpt, {"trial_id": "t0"})
+    res = SweepEvaluator({"search": spec}, None, 0).evaluate(ckpt, {"trial_id": "t0"})
     diag = res["diagnostics"]
     assert res["masking_suspected"] is False
     assert diag["unbounded_not_broken/Linf"]["level"] == "cheap"
@@ -207,7 +207,7 @@ def test_sweep_evaluator_returns_diagnostics(sl_model, digits):
     assert _json_true_keys(json.dumps(diag)) == []
     diag["loss_choice_matters/Linf"]["flag"] = True
     assert _json_true_keys(json.dumps(diag)) == ["loss_choice_matters/Linf"]
-    off = SweepEvaluator(spec, None, 0).evaluate(ckpt, {"diagnostics": "off"})
+    off = SweepEvaluator({"search": spec}, None, 0).evaluate(ckpt, {"diagnostics": "off"})
     assert list(off["diagnostics"]) == ["attack_flags"] and not off["masking_suspected"]
 
 

@@ -29,7 +29,8 @@ def test_rows_follow_the_schema(sl_checkpoint, sl_checkpoint_b):
                       attack_params={"pgd": {"steps": 10}, "transfer": {"steps": 5},
                                      "square": {"n_queries": 30, "resc_schedule": True}})
     rows, ind = evaluate_checkpoint(sl_checkpoint, plan, run_id="r1", trial_id="t1")
-    assert len(rows) == 4 * len(GRID["linf"])
+    assert len(rows) == 5 * len(GRID["linf"])  # 4 attacks + the per-example worst case
+    assert {r["split"] for r in rows} == {"test"} and {r["phase"] for r in rows} == {"evaluate"}
     for r in rows:
         assert set(r) == set(EVAL_COLUMNS)
         assert r["ci_low"] <= r["robust_acc"] <= r["ci_high"]
@@ -93,7 +94,7 @@ def test_plan_validation(kw, match):
 
 
 def test_errors_before_attacking(sl_checkpoint, tiny_model, digits, tmp_path, capsys):
-    with pytest.raises(EvalPlanError, match="larger than the test set"):
+    with pytest.raises(EvalPlanError, match="larger than the test split"):
         evaluate_checkpoint(sl_checkpoint, small_plan(n=10_000))
     with pytest.raises(CheckpointError, match="cnn4.*not 'cnn6'"):
         evaluate_checkpoint(sl_checkpoint, small_plan(model="cnn6"))

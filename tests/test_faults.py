@@ -24,11 +24,12 @@ import pytest
 import torch
 
 from aerl_ray import results as R
-from aerl_ray.recorder import pareto_front
+from aerl_ray.front import search_front
 from aerl_ray.sweep import run_sweep
 
 ROOT = Path(__file__).resolve().parent.parent
 QUICK = ROOT / "search_spaces" / "quickstart.yaml"
+NO_CONFIRM = {"confirm": {"enabled": False}}
 pytestmark = [pytest.mark.faults, pytest.mark.ray]
 
 
@@ -93,7 +94,7 @@ def test_killed_train_worker_resumes_from_last_checkpoint(ray_session, tmp_path)
             if alive and _process_named(alive[0].pid, "RayTrainWorker"):
                 info["pid"] = alive[0].pid
             return False
-        ckpts = checkpoint_dirs(run_dir.glob("tune/quickstart-train/train-*"))
+        ckpts = checkpoint_dirs(run_dir.glob("tune/train/train-*"))
         if not ckpts:  # kill once the first epoch is checkpointed
             return False
         os.kill(info["pid"], signal.SIGKILL)
@@ -106,7 +107,7 @@ def test_killed_train_worker_resumes_from_last_checkpoint(ray_session, tmp_path)
     t0 = time.time()
     res = run_sweep(QUICK, run_dir, smoke=True, verbose=0, overrides={
         "resources": {"mode": "ray_train"}, "num_samples": 1, "fixed": {"epochs": epochs},
-        "points_to_evaluate": [{"regime": "sl", "lr": 1.0e-3}]})
+        "points_to_evaluate": [{"regime": "sl", "lr": 1.0e-3}], **NO_CONFIRM})
     killer.finish()
     row = res.trials.iloc[0]
     assert len(res.trials) == 1 and row["status"] == "COMPLETE", res.trials[["status", "error"]]
@@ -116,7 +117,7 @@ def test_killed_train_worker_resumes_from_last_checkpoint(ray_session, tmp_path)
     assert later, "the worker was killed after its last checkpoint"
     # resumed, not restarted: each epoch reported to Tune exactly once, in order
     results = [json.loads(ln) for ln in
-               (run_dir / "tune" / "quickstart" / f"trial_{row['trial_id']}" / "result.json")
+               (run_dir / "tune" / "search-0" / f"trial_{row['trial_id']}" / "result.json")
                .read_text().splitlines()]
     reported = [r["epoch"] for r in results if not r.get("aerl_final")]
     assert reported == list(range(epochs)), reported
@@ -129,7 +130,7 @@ def test_killed_train_worker_resumes_from_last_checkpoint(ray_session, tmp_path)
     assert int(row["epochs_run"]) == epochs and row["error"] == ""
     assert math.isfinite(row["obj_clean_acc"]) and math.isfinite(row["obj_robust_aa"])
     evals = R.read_table(R.RunDir(run_dir).evals)
-    assert len(evals) == 4 * 4 and not evals.duplicated(R.EVAL_KEY).any()
+    assert len(evals) == 5 * 4 - 3 and not evals.duplicated(R.EVAL_KEY).any()  # AA: 1 budget
     print(f"\nkilled Train worker pid {killer.info['pid']}; trial finished in "
           f"{time.time() - t0:.0f} s")
 
@@ -166,13 +167,13 @@ def test_killed_evaluator_is_replaced_and_job_retried(ray_session, tmp_path):
 
     killer = Killer(kill_evaluator, period=0.05)
     killer.start()
-    res = run_sweep(QUICK, run_dir, smoke=True, verbose=0)
+    res = run_sweep(QUICK, run_dir, smoke=True, verbose=0, overrides=NO_CONFIRM)
     killer.finish()
     assert killer.info["stats"]["retries"] == 1, killer.info["stats"]
     assert list(res.trials["status"]) == ["COMPLETE", "COMPLETE"], res.trials[["status", "error"]]
-    evals = R.read_table(R.RunDir(run_dir).evals)  # every row ever written, no dedupe
-    assert len(evals) == 2 * 4 * 4 and not evals.duplicated(R.EVAL_KEY).any()
-    assert evals.groupby("trial_id").size().tolist() == [16, 16]
+    evals = pd.read_parquet(R.RunDir(run_dir).evals)  # every row ever written, no dedupe
+    assert len(evals) == 2 * 17 and not evals.duplicated(R.EVAL_KEY).any()
+    assert evals.groupby("trial_id").size().tolist() == [17, 17]
     assert res.trials["eval_compute_seconds"].notna().all()
 
 
@@ -183,7 +184,8 @@ def diverged_run(ray_session, tmp_path_factory):
     t0 = time.time()
     res = run_sweep(QUICK, run_dir, smoke=True, verbose=0, overrides={
         "points_to_evaluate": [{"regime": "sl", "lr": 1.0e30},
-                               {"regime": "rl", "lr": 2.0e-3, "explore_eps": 0.1}]})
+                               {"regime": "rl", "lr": 2.0e-3, "explore_eps": 0.1}],
+        **NO_CONFIRM})
     return res, run_dir, time.time() - t0
 
 
@@ -203,12 +205,12 @@ def test_diverging_trial_fails_once_with_reason_and_stays_off_the_front(study_of
     assert int(bad["epochs_run"].iloc[0]) == 0 and bad["obj_clean_acc"].isna().all()
     # not retried: one Tune iteration (the final report), no second attempt
     tid = bad["trial_id"].iloc[0]
-    lines = (run_dir / "tune" / "quickstart" / f"trial_{tid}" / "result.json").read_text()
+    lines = (run_dir / "tune" / "search-0" / f"trial_{tid}" / "result.json").read_text()
     assert len(lines.splitlines()) == 1
-    assert not (run_dir / "tune" / "quickstart" / f"trial_{tid}" / "error.txt").exists()
+    assert not (run_dir / "tune" / "search-0" / f"trial_{tid}" / "error.txt").exists()
     # off the Pareto front (driver and analysis), no evaluation rows
     assert tid not in set(res.pareto["trial_id"])
-    assert tid not in set(pareto_front(trials, res.objectives)["trial_id"])
+    assert tid not in set(search_front(trials, res.objectives)["trial_id"])
     assert tid not in set(R.read_table(R.RunDir(run_dir).evals)["trial_id"])
     from analysis.pareto import front_of, load_run, metric_table
 
@@ -218,7 +220,7 @@ def test_diverging_trial_fails_once_with_reason_and_stays_off_the_front(study_of
     assert len(front_of(table)) == 1
     # the study: FAIL with the reason, the other COMPLETE, nothing left RUNNING
     study = study_of(run_dir)
-    by_tid = {t.user_attrs["tune_trial_id"]: t for t in study.trials}
+    by_tid = {t.user_attrs["aerl_trial_id"]: t for t in study.trials}
     assert by_tid[tid].state == optuna.trial.TrialState.FAIL
     assert by_tid[tid].user_attrs["error"] == reason
     assert by_tid[good["trial_id"].iloc[0]].state == optuna.trial.TrialState.COMPLETE
@@ -231,24 +233,25 @@ def test_diverging_torchtrainer_trial_is_not_retried(study_of, ray_session, tmp_
     run_dir = tmp_path / "run"
     res = run_sweep(QUICK, run_dir, smoke=True, verbose=0, overrides={
         "resources": {"mode": "ray_train"}, "num_samples": 1,
-        "points_to_evaluate": [{"regime": "sl", "lr": 1.0e30}]})
+        "points_to_evaluate": [{"regime": "sl", "lr": 1.0e30}], **NO_CONFIRM})
     trials = R.read_table(R.RunDir(run_dir).trials)
     assert list(trials["status"]) == ["FAILED"] and res.pareto.empty
     assert trials["error"].iloc[0].startswith("training loss became nan in epoch 0")
     assert [t.state for t in study_of(run_dir).trials] == [optuna.trial.TrialState.FAIL]
-    train_runs = list((run_dir / "tune" / "quickstart-train").glob("train-*"))
+    train_runs = list((run_dir / "tune" / "train").glob("train-*"))
     assert len(train_runs) == 1  # one Train run, one marker checkpoint, no restart
     (ck,) = checkpoint_dirs(train_runs)
     assert json.loads((ck / "diverged.json").read_text())["epoch"] == 0
 
 
-def test_pareto_front_without_completed_trials():
+def test_search_front_without_completed_trials():
     objectives = [{"name": "a", "direction": "max"}, {"name": "b", "direction": "max"}]
     df = pd.DataFrame({"trial_id": ["x", "y"], "status": ["FAILED", "PRUNED"],
+                       "regime": ["sl", "rl"],
                        "obj_a": [float("nan"), 0.5], "obj_b": [float("nan"), 0.5]})
-    assert pareto_front(df, objectives).empty
+    assert search_front(df, objectives).empty
     df.loc[1, "status"] = "COMPLETE"
-    assert list(pareto_front(df, objectives)["trial_id"]) == ["y"]
+    assert list(search_front(df, objectives)["trial_id"]) == ["y"]
 
 
 def _damage(table: Path) -> None:
@@ -295,11 +298,11 @@ def test_writes_are_atomic_on_failure(tmp_path, monkeypatch, tiny_model, digits_
     table = tmp_path / "t.parquet"
     R.append_rows(table, [{"a": 1}])
 
-    def crash(self, path, **kw):
+    def crash(t, path, **kw):
         Path(path).write_bytes(b"PAR1 partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr(pd.DataFrame, "to_parquet", crash)
+    monkeypatch.setattr(R.pq, "write_table", crash)
     with pytest.raises(OSError, match="disk full"):
         R.append_rows(table, [{"a": 2}])
     monkeypatch.undo()
