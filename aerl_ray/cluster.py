@@ -88,7 +88,7 @@ def validate_cluster_file(path: str | os.PathLike, *, strict: bool = False) -> d
     except (ValueError, TypeError, AttributeError, KeyError, RuntimeError,
             NotImplementedError, AssertionError) as e:
         fail(f"{type(e).__name__}: {e}")
-    _project_checks(raw, fail, strict=strict, name=str(p))
+    _project_checks(raw, fail, strict=strict, name=str(p), source=p.read_text())
     return prepared
 
 
@@ -135,7 +135,7 @@ def _describe_schema_error(e) -> str:
     return f"{e.message} (at {where})"
 
 
-def _project_checks(raw: dict, fail, *, strict: bool, name: str) -> None:
+def _project_checks(raw: dict, fail, *, strict: bool, name: str, source: str = "") -> None:
     ptype = raw["provider"]["type"]
     if ptype != "local" and "setup_commands" not in raw:
         fail("'setup_commands' is not set: Ray's defaults would pip-install a Ray nightly; "
@@ -161,6 +161,12 @@ def _project_checks(raw: dict, fail, *, strict: bool, name: str) -> None:
     if not any("RAY_AUTH_MODE=token" in c for c in starts):
         logger.warning("%s: start commands do not export RAY_AUTH_MODE=token", name)
     holes = sorted(set(_placeholders(raw)))
+    # a value marked CHANGE-ME in a comment (e.g. `head_ip: 10.0.0.10  # CHANGE-ME`) is a
+    # placeholder too, though YAML drops the comment
+    holes += [f"line {i}: {ln.split('#')[0].strip() or ln.strip()}"
+              for i, ln in enumerate(source.splitlines(), 1)
+              if PLACEHOLDER in ln and "#" in ln and PLACEHOLDER in ln[ln.index("#"):]
+              and not ln.lstrip().startswith("#")]
     if holes:
         msg = f"replace the {PLACEHOLDER} placeholders at: {', '.join(holes)}"
         if strict:

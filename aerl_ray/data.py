@@ -84,6 +84,16 @@ def _digits(cache: Path, cfg) -> Path:
     return path
 
 
+def _probe(url: str, timeout: float = 5.0) -> None:
+    """Raise OSError quickly when ``url``'s host cannot be reached."""
+    import socket
+    from urllib.parse import urlparse
+
+    u = urlparse(url)
+    with socket.create_connection((u.hostname, u.port or 443), timeout=timeout):
+        pass
+
+
 def _torchvision_cifar(name: str, cls_name: str, url_hint: str):
     def loader(cache: Path, cfg) -> Path:
         path = cache / f"{name}.npz"
@@ -92,10 +102,16 @@ def _torchvision_cifar(name: str, cls_name: str, url_hint: str):
         import torchvision
 
         raw = cache / "raw"
+        cls = getattr(torchvision.datasets, cls_name)
+        try:  # already extracted into raw/ (downloaded before, or placed by hand)?
+            tr, te = cls(root=str(raw), train=True), cls(root=str(raw), train=False)
+        except Exception:  # noqa: BLE001 - not there: download below
+            tr = te = None
         try:
-            cls = getattr(torchvision.datasets, cls_name)
-            tr = cls(root=str(raw), train=True, download=True)
-            te = cls(root=str(raw), train=False, download=True)
+            if tr is None:
+                _probe(url_hint)  # offline: fail in seconds, not after urllib's retries
+                tr = cls(root=str(raw), train=True, download=True)
+                te = cls(root=str(raw), train=False, download=True)
         except Exception as e:  # network errors surface as URLError/OSError/RuntimeError
             raise DatasetUnavailableError(
                 f"could not download {name} ({type(e).__name__}: {e}). Download {url_hint} "

@@ -379,6 +379,8 @@ def fit(cfg: TrainConfig, out_dir: str | os.PathLike, resume: bool = False,
         if existing and not overwrite:
             raise RunDirError(f"{out} already holds a run ({', '.join(existing)}); use --resume "
                               "to continue it, --overwrite to replace it, or another --out")
+    splits = splits or load_splits(cfg.data)  # bad data fails before OUT is touched
+    if not resume:
         for name in existing:
             (out / name).unlink()
     out.mkdir(parents=True, exist_ok=True)

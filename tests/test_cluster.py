@@ -50,6 +50,10 @@ def test_aws_cluster_shape():
 def test_strict_flags_placeholders():
     with pytest.raises(cl.ClusterConfigError, match="CHANGE-ME.*IamInstanceProfile"):
         cl.validate_cluster_file(REPO / "cluster.yaml", strict=True)
+    # placeholders marked in comments (the IPs and user of cluster.local.yaml) count too
+    with pytest.raises(cl.ClusterConfigError, match=r"line 17: head_ip: 10\.0\.0\.10") as e:
+        cl.validate_cluster_file(REPO / "cluster.local.yaml", strict=True)
+    assert "worker_ips" in str(e.value) and "ssh_user" in str(e.value)
 
 
 def _broken(tmp_path, mutate, src="cluster.yaml"):

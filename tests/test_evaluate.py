@@ -112,3 +112,48 @@ def test_errors_before_attacking(sl_checkpoint, tiny_model, digits, tmp_path, ca
     assert "known attacks" in capsys.readouterr().err
     assert main([str(sl_checkpoint), "--attacks", "transfer"]) == 2
     assert "--transfer-source" in capsys.readouterr().err
+
+
+def test_cli_refuses_files_that_are_not_checkpoints(tmp_path, capsys, sl_checkpoint):
+    """Exit 2 with a message naming the problem, never a raw KeyError/IndexError."""
+    import os
+
+    (tmp_path / "random.pt").write_bytes(os.urandom(4096))
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "foreign.pt")  # a valid archive
+    torch.save({"format": "aerl_ray.checkpoint/1", "config": {}}, tmp_path / "partial.pt")
+    cases = {"random.pt": "could not load", "foreign.pt": "is not an aerl_ray checkpoint",
+             "partial.pt": "damaged aerl_ray checkpoint"}
+    for name, match in cases.items():
+        assert main([str(tmp_path / name), "--n", "8"]) == 2, name
+        err = capsys.readouterr().err
+        assert match in err and "Traceback" not in err, (name, err)
+    assert main([str(tmp_path), "--n", "8"]) == 2
+    assert "is a directory, not a checkpoint file" in capsys.readouterr().err
+
+
+def test_every_attack_of_a_table_on_the_same_images_and_worst_case(sl_checkpoint):
+    """AutoAttack runs on the same n images as PGD (at its own budgets only), and the
+    worst-case row counts an example robust only if no attack broke it."""
+    from aerl_ray.evaluate import worst_case
+
+    plan = small_plan(attacks=("pgd", "fgsm", "autoattack"), n=24,
+                      autoattack_version="custom", autoattack_attacks=("apgd-ce",),
+                      attack_grids={"autoattack": {"linf": ["0.1"]}})
+    rows, _ = evaluate_checkpoint(sl_checkpoint, plan)
+    assert {r["n"] for r in rows} == {24}
+    aa = [r for r in rows if r["attack"] == "autoattack"]
+    assert [r["eps_str"] for r in aa] == ["0.1"]
+    wc = {r["eps_str"]: r for r in rows if r["attack"] == "worst_case"}
+    for e, r in wc.items():
+        at = [x["robust_acc"] for x in rows if x["eps_str"] == e and x["attack"] != "worst_case"]
+        assert r["robust_acc"] <= min(at)
+    assert json.loads(wc["0.1"]["params"])["attacks"] == ["autoattack", "fgsm", "pgd"]
+    # per example, not a minimum of accuracies: two attacks breaking different examples
+    a = torch.tensor([True, False, False, False])
+    b = torch.tensor([False, True, False, False])
+    s, used = worst_case({"x": {0.1: a}, "y": {0.1: b}}, 0.1)
+    assert s.tolist() == [True, True, False, False] and sorted(used) == ["x", "y"]
+    # an attack's break at a smaller budget counts at every larger one
+    s, _ = worst_case({"x": {0.05: a, 0.1: a}, "y": {0.2: b}}, 0.2)
+    assert s.tolist() == [True, True, False, False]
+    assert worst_case({"y": {0.2: b}}, 0.1) is None

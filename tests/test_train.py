@@ -128,6 +128,7 @@ def test_cli_help_documents_every_flag(capsys):
     (["--regime", "dqn"], "known regimes"),
     (["--epochs", "3", "--regime", "hybrid", "--switch-epoch", "3"], "switch_epoch=3"),
     (["--lr", "-1"], "lr=-1.0 must be > 0"),
+    (["--lr", "-1e-3"], "lr=-0.001 must be > 0"),  # argparse alone: "expected one argument"
     (["--dataset", "npz:/no/such.npz"], "does not exist"),
 ])
 def test_cli_bad_input_exits_2_before_training(tmp_path, capsys, argv, match):
@@ -162,3 +163,43 @@ def test_pass_budget_gives_equal_compute_across_regimes(tmp_path, digits_splits)
     assert len(runs["sl"].history) == 3 and len(runs["rl_adv"].history) == 2
     # the lr schedule decays over the budget, not over the 10-epoch upper bound
     assert runs["sl"].history[-1]["lr"] < 0.1 * 1e-3
+
+
+def test_cli_run_dir_faults(tmp_path, capsys):
+    """--out onto a run refuses; --resume of a finished run changes nothing; --resume of
+    nothing refuses; --overwrite replaces."""
+    out = tmp_path / "run"
+    args = ["--dataset", "digits", "--model", "tiny", "--epochs", "2", "--out", str(out),
+            "--log-level", "WARNING"]
+    assert main(args) == 0
+    final = (out / "final.json").read_text()
+    last = (out / "last.pt").read_bytes()
+    with pytest.raises(SystemExit) as e:
+        main(args)  # the same --out again
+    assert e.value.code == 2 and "already holds a run" in capsys.readouterr().err
+    assert (out / "last.pt").read_bytes() == last
+    assert main([*args, "--resume"]) == 0  # finished: nothing to do, nothing damaged
+    assert (out / "final.json").read_text() == final and (out / "last.pt").read_bytes() == last
+    assert "test_acc" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        main([*args[:-4], "--out", str(tmp_path / "nothing"), "--resume"])
+    assert e.value.code == 2 and "nothing to resume" in capsys.readouterr().err
+    assert not (tmp_path / "nothing").exists()
+    with pytest.raises(SystemExit) as e:
+        main([*args, "--resume", "--lr", "0.5"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "lr: 0.001 -> 0.5" in err
+    assert main([*args, "--overwrite", "--epochs", "1"]) == 0
+    assert [r["epoch"] for r in read_metrics(out / "metrics.jsonl")] == [0]
+
+
+def test_resumed_run_reports_its_whole_compute(tmp_path, digits_splits):
+    """A run resumed after its last epoch was checkpointed (killed before final.json)
+    reports the passes and seconds of all its epochs, not zero."""
+    c = cfg(regime="sl", model="tiny", epochs=2)
+    full = fit(c, tmp_path / "a", splits=digits_splits)
+    (tmp_path / "a" / "final.json").unlink()  # killed between the last epoch and the end
+    again = fit(c, tmp_path / "a", resume=True, splits=digits_splits)
+    assert again.history == []  # nothing was trained again ...
+    assert again.metrics["fwd_passes"] == full.metrics["fwd_passes"] > 0  # ... and all counted
+    assert again.metrics["wall_seconds"] == pytest.approx(full.metrics["wall_seconds"])
