@@ -131,7 +131,13 @@ class EvalPlan:
         if self.split not in SPLITS:
             err(f"split={self.split!r}; evaluate on one of: {', '.join(SPLITS)}")
         sub = []
-        for name, per_norm in _freeze(self.attack_grids):
+        given = self.attack_grids
+        if isinstance(given, tuple) and all(isinstance(g, tuple) and len(g) == 3
+                                            for g in given):  # already normalised (replace)
+            given = {}
+            for name, nrm, grid in self.attack_grids:
+                given.setdefault(name, {})[nrm] = list(grid)
+        for name, per_norm in _freeze(given):
             if name not in attacks:
                 err(f"attack_grids names {name!r}, which is not among the attacks {attacks}")
             for norm, eps in per_norm:

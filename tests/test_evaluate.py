@@ -139,6 +139,9 @@ def test_every_attack_of_a_table_on_the_same_images_and_worst_case(sl_checkpoint
     plan = small_plan(attacks=("pgd", "fgsm", "autoattack"), n=24,
                       autoattack_version="custom", autoattack_attacks=("apgd-ce",),
                       attack_grids={"autoattack": {"linf": ["0.1"]}})
+    import dataclasses
+
+    assert dataclasses.replace(plan, seed=3).attack_grids == plan.attack_grids  # re-validated
     rows, _ = evaluate_checkpoint(sl_checkpoint, plan)
     assert {r["n"] for r in rows} == {24}
     aa = [r for r in rows if r["attack"] == "autoattack"]
