@@ -334,3 +334,21 @@ def test_every_space_runs_in_smoke_mode(ray_session, tmp_path, space, cifar_shap
     evals = R.read_table(R.RunDir(res.run_dir).evals, key=R.EVAL_KEY)
     assert set(R.EVAL_COLUMNS) <= set(evals.columns) and len(evals) > 0
     assert set(evals["split"]) == {"val", "test"}  # search + confirmation
+
+
+def test_address_auto_refuses_someone_elses_ray(tmp_path, monkeypatch):
+    from aerl_ray.preflight import PreflightError, check_auto_address
+
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
+    with pytest.raises(PreflightError, match="no Ray cluster runs on this machine"):
+        check_auto_address("auto")
+    session = tmp_path / "ray" / "session_2026-01-01"
+    session.mkdir(parents=True)
+    (tmp_path / "ray" / "session_latest").symlink_to(session)
+    check_auto_address("auto")  # mine: fine
+    check_auto_address("10.0.0.1:6379")  # an explicit address is always taken as given
+    if os.getuid() != 0:
+        pytest.skip("needs root to give the session dir to another user")
+    os.chown(session, 1, 1)
+    with pytest.raises(PreflightError, match="would attach to a Ray cluster started by"):
+        check_auto_address("auto")
