@@ -23,12 +23,11 @@ the study when it is created) until the study holds ``num_samples`` trials.
 """
 from __future__ import annotations
 
-import collections
-import json
 import logging
 import math
 import threading
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Mapping
 
@@ -149,7 +148,9 @@ class Ledger:
             study_name=self.study_name, storage=self.storage, sampler=make_sampler(self.spec),
             directions=["maximize" if o.direction == "max" else "minimize"
                         for o in self.spec.objectives])
-        study.set_metric_names(self.names)
+        with warnings.catch_warnings():  # "experimental" since optuna 3.2; its dashboard uses it
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names(self.names)
         study.set_user_attr("run_id", self.run_id)
         for point in self.spec.points_to_evaluate:
             study.enqueue_trial(dict(point))
@@ -316,10 +317,6 @@ def _num(v: Any) -> float | None:
     return f if math.isfinite(f) else None
 
 
-class RerunQueue(collections.deque):
-    """Tickets handed to Tune before any new trial (re-runs, confirmation jobs)."""
-
-
 def study_frame(ledger: Ledger) -> pd.DataFrame:
     """The study as a table (number, key, state, values): for tests and the report."""
     rows = []
@@ -328,7 +325,3 @@ def study_frame(ledger: Ledger) -> pd.DataFrame:
                      "state": t.state.name, **{f"obj_{n}": (t.values[i] if t.values else None)
                                                for i, n in enumerate(ledger.names)}})
     return pd.DataFrame(rows)
-
-
-def jsonable(d: Mapping[str, Any]) -> str:
-    return json.dumps(dict(d), sort_keys=True, default=str)

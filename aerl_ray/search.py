@@ -83,4 +83,10 @@ def searcher_class():
         def on_trial_complete(self, trial_id: str, result=None, error: bool = False) -> None:
             pass  # the results callback commits (rows first, then the study)
 
+        def save(self, checkpoint_path: str) -> None:
+            pass  # the state is the study and the run dir (the ledger), never a pickle
+
+        def restore(self, checkpoint_path: str) -> None:
+            pass
+
     return LedgerSearcher

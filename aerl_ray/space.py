@@ -31,7 +31,7 @@ A space file has these top-level keys (all but ``parameters`` and ``objectives``
                                      # is the search plan on test + AutoAttack standard at the
                                      # headline budget + full diagnostics
       enabled: true
-    keep_checkpoints: 1              # Tune checkpoints kept per trial (each holds last.pt and
+    keep_checkpoints: 2              # Tune checkpoints kept per trial (each holds last.pt and
                                      # the selected best.pt)
     smoke: {...}                     # overrides applied by --smoke (tiny runs for tests)
 
@@ -135,7 +135,7 @@ class SweepSpec:
     evaluation: Mapping[str, Any] = field(default_factory=dict)
     reference: Mapping[str, Any] = field(default_factory=dict)
     confirm: Mapping[str, Any] = field(default_factory=dict)
-    keep_checkpoints: int = 1
+    keep_checkpoints: int = 2
     source: str = ""
     raw: Mapping[str, Any] = field(default_factory=dict)
 
@@ -282,7 +282,7 @@ def parse_space(raw: Mapping[str, Any], source: str = "<space>") -> SweepSpec:
     if num_samples < 1:
         raise _err(src, "num_samples must be >= 1")
     confirm = _parse_confirm(src, raw.get("confirm"))
-    keep = raw.get("keep_checkpoints", 1)
+    keep = raw.get("keep_checkpoints", 2)
     if not isinstance(keep, int) or keep < 1:
         raise _err(src, f"keep_checkpoints={keep!r} must be an integer >= 1 (each checkpoint "
                         "holds last.pt for resuming and the selected best.pt)")
