@@ -47,7 +47,8 @@ Missing values
     A result with none of the metrics is not a rung observation (as in Ray: CONTINUE; the
     trial is decided at its next result that has them), but it is stopped at ``max_t``
     (Ray's ASHA lets it run on), so rung metrics need only be reported at rungs.  A
-    missing or NaN value ranks as the worst possible value (Ray's ASHA lets a NaN pass).
+    result missing one of the metrics, or with a NaN, ranks below every trial with
+    complete values (Ray's ASHA lets a NaN trial pass).
 
 Noise awareness (``noise_aware=True``)
     A result may carry ``<metric>_n``, the examples a proportion was measured on; a trial

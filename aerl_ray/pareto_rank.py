@@ -4,8 +4,9 @@ The multi-objective scheduler (:mod:`aerl_ray.moasha`) needs a total order of th
 a rung whose top-k sets are nested (the top k are always among the top k + 1).  This module
 gives it:
 
-1. **Orientation.**  Values are turned to "larger is better" (``min`` metrics negated);
-   a missing or NaN value becomes ``-inf``: the worst possible value.
+1. **Orientation.**  Values are turned to "larger is better" (``min`` metrics negated).
+   A trial missing a value (or with a NaN) counts as ``-inf`` in *every* metric: it
+   ranks below every trial with complete values (a NaN usually means a diverged run).
 2. **Dominance**, optionally *noise-aware*: ``a`` dominates ``b`` when ``a`` is nowhere
    significantly worse (its upper bound >= ``b``'s lower bound in every metric) and
    somewhere significantly better (its lower bound > ``b``'s upper bound).  The bounds are
@@ -52,14 +53,17 @@ class Observation:
     values: tuple[float, ...]
     ns: tuple[int | None, ...] = ()
 
+    @property
+    def complete(self) -> bool:
+        return all(v is not None and not math.isnan(v) for v in self.values)
+
     def oriented(self, modes: Sequence[str], noise: bool) -> tuple[np.ndarray, np.ndarray]:
         """(lower, upper) bounds, larger is better, -inf for missing/NaN values."""
+        if not self.complete:
+            worst = np.full(len(modes), -math.inf)
+            return worst, worst.copy()
         lo, hi = [], []
         for j, (v, mode) in enumerate(zip(self.values, modes)):
-            if v is None or math.isnan(v):
-                lo.append(-math.inf)
-                hi.append(-math.inf)
-                continue
             a = b = float(v)
             n = self.ns[j] if noise and j < len(self.ns) else None
             if n and 0.0 <= a <= 1.0:
@@ -144,7 +148,8 @@ def rank(observations: Sequence[Observation], modes: Sequence[str],
     keys: dict[tuple, list[int]] = {}
     for i, o in enumerate(observations):
         ns = tuple(o.ns) if noise else ()
-        vals = tuple(-math.inf if v is None or math.isnan(v) else float(v) for v in o.values)
+        vals = (tuple(float(v) for v in o.values) if o.complete
+                else (-math.inf,) * len(o.values))
         keys.setdefault((vals, ns), []).append(i)
     groups = list(keys.values())
     reps = [g[0] for g in groups]
