@@ -355,3 +355,70 @@ def test_tune_config_metric_conflicts_and_rungs_match_ray():
     assert "MOASHA" in s.debug_string()
     copy.deepcopy(s)
     assert np.isclose(s.config.milestones()[-1], 1)
+
+
+# --- end to end: a real Tuner, promote mode -------------------------------------------------
+@pytest.mark.ray
+def test_moasha_in_a_real_tuner_pauses_and_resumes_trials_from_their_checkpoints(
+        ray_session, tmp_path):
+    from ray import tune
+
+    final = [(0.9, 0.1), (0.1, 0.9), (0.5, 0.5), (0.3, 0.3), (0.2, 0.2), (0.4, 0.1)]
+
+    def _two_metric_trainable(config):
+        """Reports clean/robust per epoch with a checkpoint; resumes from its checkpoint.
+
+        Nested, so it is pickled by value: Ray workers cannot import test modules."""
+        import os
+        import tempfile
+
+        from ray import tune
+
+        start = 0
+        ckpt = tune.get_checkpoint()
+        if ckpt is not None:
+            with ckpt.as_directory() as d:
+                start = json.loads(open(os.path.join(d, "state.json")).read())["epoch"]
+        c, r = final[config["key"]]
+        for epoch in range(start + 1, 7):
+            with open(config["log"], "a") as f:
+                f.write(json.dumps({"key": config["key"], "epoch": epoch, "from": start}) + "\n")
+            with tempfile.TemporaryDirectory() as d:
+                with open(os.path.join(d, "state.json"), "w") as f:
+                    json.dump({"epoch": epoch}, f)
+                tune.report({"epoch": epoch, "clean": c * epoch / 6, "robust": r * epoch / 6},
+                            checkpoint=tune.Checkpoint.from_directory(d))
+
+    records: list[dict] = []
+    sched = MOASHA(["clean", "robust"], ["max", "max"], grace_period=1, reduction_factor=2,
+                   max_t=6, mode="promote", on_decision=records.append,
+                   trial_key=lambda t: f"k{t.config['key']}")
+    log = tmp_path / "epochs.jsonl"
+    tuner = tune.Tuner(
+        tune.with_resources(_two_metric_trainable, {"cpu": 1}),
+        param_space={"key": tune.grid_search(list(range(len(final)))), "log": str(log)},
+        tune_config=tune.TuneConfig(scheduler=sched, reuse_actors=False),
+        run_config=tune.RunConfig(storage_path=str(tmp_path / "tune"), name="moasha",
+                                  verbose=0))
+    results = tuner.fit()
+    assert not results.errors
+    decisions = {r["decision"] for r in records}
+    assert {"pause", "promote", "stop"} <= decisions, decisions
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    paused_at = {r["key"]: r["rung"] for r in records if r["decision"] == "pause"}
+    resumed = set()
+    for key in range(len(final)):
+        epochs = [r["epoch"] for r in rows if r["key"] == key]
+        assert epochs == list(range(1, len(epochs) + 1)), (key, epochs)  # no gap, no rerun
+        for r in rows:
+            if r["key"] == key and r["from"] > 0:
+                resumed.add(key)
+                assert r["from"] in {rec["rung"] for rec in records
+                                     if rec["key"] == f"k{key}" and rec["decision"] == "pause"}
+    assert resumed, (paused_at, rows)
+    for res in results:
+        df = res.metrics_dataframe
+        assert (df["training_iteration"] == df["epoch"]).all()  # the epoch count is intact
+    ends = {res.config["key"]: int(res.metrics["epoch"]) for res in results}
+    assert ends[0] == 6 and min(ends.values()) < 6  # the best runs to max_t; some stop early
+    assert all(r["reason"] for r in records)
