@@ -224,7 +224,10 @@ def test_rebuilding_from_records_loses_no_decision(events, cut):
 
 def test_a_rerun_under_a_new_trial_id_keeps_its_history(tmp_path):
     log = DecisionLog(tmp_path / "moasha.jsonl")
-    key = lambda t: t.trial_id.split("-")[0]  # noqa: E731  ("t001-retry" -> "t001")
+
+    def key(t):  # "t001-retry" -> "t001"
+        return t.trial_id.split("-")[0]
+
     kw = dict(metrics=["a", "b"], modes=["max", "max"], max_t=8, trial_key=key)
     s = MOASHA(on_decision=log, **kw)
     assert decide(s, [(0.9, 0.9), (0.1, 0.1)]) == ["CONTINUE", "STOP"]
@@ -274,8 +277,8 @@ def test_noise_aware_stops_only_beyond_the_wilson_intervals():
     assert decide(plain, vals) == ["CONTINUE", "STOP"]
     for n, expected in ((20, "CONTINUE"), (5000, "STOP")):
         noisy = MOASHA(["a", "b"], ["max", "max"], max_t=8, noise_aware=True)
-        acts = [noisy.on_trial_result(None, FakeTrial(i), result(1, dict(zip("ab", v)),
-                                                               a_n=n, b_n=n))
+        acts = [noisy.on_trial_result(None, FakeTrial(i),
+                                      result(1, dict(zip("ab", v)), a_n=n, b_n=n))
                 for i, v in enumerate(vals)]
         assert acts == ["CONTINUE", expected], n
 
@@ -422,3 +425,23 @@ def test_moasha_in_a_real_tuner_pauses_and_resumes_trials_from_their_checkpoints
     ends = {res.config["key"]: int(res.metrics["epoch"]) for res in results}
     assert ends[0] == 6 and min(ends.values()) < 6  # the best runs to max_t; some stop early
     assert all(r["reason"] for r in records)
+
+
+# --- the benchmark --------------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.ray
+def test_benchmark_smoke_runs_all_arms_and_prints_the_targets(ray_session, tmp_path):
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "bench" / "moasha.py"
+    spec = importlib.util.spec_from_file_location("bench_moasha", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["bench_moasha"] = mod
+    spec.loader.exec_module(mod)
+    lines = mod.main(["--smoke", "--plot", str(tmp_path / "hv.png")])
+    text = "\n".join(lines)
+    for arm in ("none", "asha", "moasha"):
+        assert f" {arm} " in text
+    assert "target 1" in text and "target 2" in text and (tmp_path / "hv.png").stat().st_size
