@@ -221,7 +221,8 @@ def summarise(run: dict, front: dict) -> dict:
             done[r["idx"]] = front[r["idx"]][:2]
             curve.append((sum(spent.values()), sum(secs.values()),
                           hypervolume_2d(list(done.values()))))
-    return {"passes": sum(spent.values()), "seconds": sum(secs.values()),
+    return {"front": {i: v for i, v in sorted(front.items())}, "records": run["records"],
+            "passes": sum(spent.values()), "seconds": sum(secs.values()),
             "rung_passes": sum(r["rung_passes"] for r in last.values()),
             "hv": hypervolume_2d([v[:2] for v in front.values()]), "curve": curve,
             "epochs": sum(v[2] for v in front.values()), "wall": run["wall"],
@@ -330,7 +331,7 @@ def main(argv: list[str] | None = None) -> list[str]:
     p.add_argument("--json", default="", help="also write the summaries here")
     a = p.parse_args(argv)
     if a.smoke:
-        a.seeds, a.trials, a.epochs, a.grace, a.eta, a.steps, a.n = [10], 3, 3, 1, 2, 2, 32
+        a.seeds, a.trials, a.epochs, a.grace, a.eta, a.steps, a.n = [10], 2, 3, 1, 2, 2, 32
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("ray.tune").setLevel(logging.ERROR)  # no per-trial log files: quiet
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
@@ -363,7 +364,7 @@ def main(argv: list[str] | None = None) -> list[str]:
         plot(res, arms, a, Path(a.plot))
     if a.json:
         Path(a.json).write_text(json.dumps({f"{s}/{arm}": v for (s, arm), v in res.items()},
-                                           indent=1))
+                                           indent=1, default=str))
     return lines
 
 
