@@ -52,7 +52,9 @@ Missing values
 
 Noise awareness (``noise_aware=True``)
     A result may carry ``<metric>_n``, the examples a proportion was measured on; a trial
-    then ranks below another only if dominated beyond the 95% Wilson intervals.
+    then ranks below another only if dominated beyond the 95% Wilson intervals (its rank
+    is that domination count, no eps-net tie-break), so more trials continue than
+    ``ceil(n / eta)``: a difference the rung's sample size cannot resolve stops nobody.
 
 Records and restarts
     Every decision is a JSON-safe dict (format: :mod:`aerl_ray.moasha_config`), returned by

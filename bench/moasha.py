@@ -26,7 +26,7 @@ compute; at equal compute (the smaller of (b)'s and (c)'s totals) its hypervolum
 the reported seeds are 10-12.
 
     python bench/moasha.py                 # 3 seeds x 4 arms x 24 trials x 20 epochs
-    python bench/moasha.py --smoke         # < 60 s: 1 seed, 4 trials, 4 epochs
+    python bench/moasha.py --smoke         # 1 seed, 2 trials, 3 epochs, 3 arms (~15 CPU-s)
 """
 from __future__ import annotations
 
@@ -315,7 +315,8 @@ def plot(res: dict, arms: list[str], a, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> list[str]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--smoke", action="store_true", help="< 60 s: 1 seed, 4 trials, 4 epochs")
+    p.add_argument("--smoke", action="store_true",
+                   help="the test-suite size: 1 seed, 2 trials, 3 epochs, 3 arms")
     p.add_argument("--seeds", type=int, nargs="+", default=[10, 11, 12])
     p.add_argument("--trials", type=int, default=24)
     p.add_argument("--epochs", type=int, default=20)
