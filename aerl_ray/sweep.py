@@ -205,6 +205,7 @@ class _Interrupts:
     def __init__(self, ledger: Ledger | None, run_dir: Path | None):
         self.ledger, self.run_dir = ledger, run_dir
         self.graceful = False
+        self.hard = False  # a signal raised SweepInterrupted (Ray may wrap it in SystemError)
         self._old: dict[int, object] = {}
 
     def __enter__(self) -> "_Interrupts":
@@ -216,9 +217,11 @@ class _Interrupts:
     def _handle(self, sig, frame) -> None:
         if self.graceful and self.ledger is not None and not self.ledger.interrupted.is_set():
             self.ledger.interrupted.set()
-            logger.warning("%s: finishing the running epochs, starting nothing new (press "
-                           "Ctrl-C again to stop at once)", signal.Signals(sig).name)
+            logger.warning("%s: finishing the running epochs and evaluations, starting "
+                           "nothing new (press Ctrl-C again to stop at once; the unfinished "
+                           "epochs are re-done on --resume)", signal.Signals(sig).name)
             return
+        self.hard = True
         raise SweepInterrupted(self.run_dir, signal.Signals(sig).name)
 
     def __exit__(self, *exc) -> None:
@@ -500,6 +503,10 @@ def _fit(ledger: Ledger, name: str, tickets, new_trials: bool, count: int, meta:
     sig.graceful = True
     try:
         tuner.fit()
+    except BaseException as e:
+        if sig.hard and not isinstance(e, SweepInterrupted):  # raised inside ray.wait, which
+            raise SweepInterrupted(ledger.run.root, "second signal") from None  # wraps it
+        raise
     finally:
         sig.graceful = False
     if ledger.interrupted.is_set():
