@@ -114,6 +114,7 @@ class Ledger:
         self.names = [o.name for o in spec.objectives]
         self.interrupted = threading.Event()
         self._committed: dict[tuple[str, str], str] = {}  # (phase, key) -> status
+        self._rungs: dict[str, dict] = {}  # key -> the scheduler's last decision
         self._study = None
         self._load_committed()
 
@@ -193,6 +194,26 @@ class Ledger:
     def committed(self, phase: str = SEARCH) -> dict[str, str]:
         return {k: s for (p, k), s in self._committed.items() if p == phase}
 
+    # -- scheduler decisions ------------------------------------------------------------
+    def record_rung(self, record: dict) -> None:
+        """A scheduler decision (:mod:`aerl_ray.moasha`): appended to ``rungs.jsonl``
+        (fsynced) as it is made, so a restarted driver rebuilds the scheduler from it."""
+        from aerl_ray.moasha_config import DecisionLog
+
+        DecisionLog(self.run.rungs)(record)
+        self._rungs[str(record["key"])] = dict(record)
+
+    def rung_records(self) -> list[dict]:
+        from aerl_ray.moasha_config import DecisionLog
+
+        records = DecisionLog(self.run.rungs).read()
+        for r in records:
+            self._rungs[str(r["key"])] = r
+        return records
+
+    def last_rung(self, key: str) -> dict | None:
+        return self._rungs.get(key)
+
     def record_epoch(self, row: Mapping[str, Any]) -> None:
         """One epoch of a trial (written when its checkpoint is registered)."""
         R.append_rows(self.run.epochs, [row], R.EPOCHS)
@@ -227,6 +248,10 @@ class Ledger:
         attrs = {"status": status, "error": str(row.get("error") or "")[:500],
                  "val_acc": _num(row.get("val_acc")), "epochs_run": row.get("epochs_run"),
                  "ckpt_epoch": row.get("ckpt_epoch"), "ckpt_regime": row.get("ckpt_regime")}
+        rung = self.last_rung(str(row["trial_id"]))
+        if status == PRUNED and rung is not None:  # the rung values it was stopped on
+            attrs.update(stopped_at_rung=rung.get("rung"), rung_values=rung.get("values"),
+                         dominated_by=rung.get("dominated_by"))
         for k, v in attrs.items():
             if v is not None and v != "":
                 study._storage.set_trial_user_attr(trial._trial_id, k, v)

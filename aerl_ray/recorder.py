@@ -128,8 +128,15 @@ def results_callback(ledger: Ledger):
             t = ticket_of(trial)
             if ledger.is_committed(t.phase, t.key) or ledger.interrupted.is_set():
                 return  # committed, or interrupted: re-run by --resume
-            ledger.commit(t.phase, fallback_row(trial, PRUNED, "stopped early by the "
-                                                "scheduler"))
+            row = fallback_row(trial, PRUNED, "stopped early by the scheduler")
+            rung = ledger.last_rung(t.key)
+            if rung is not None and rung.get("decision") == "stop":
+                row.update(error=f"stopped at {rung.get('time_attr', 'epochs_done')}="
+                                 f"{rung.get('rung')}: {rung.get('reason', '')}"[:500],
+                           stopped_at_rung=rung.get("rung"),
+                           dominated_by=",".join(map(str, rung.get("dominated_by") or [])))
+            ledger.commit(t.phase, row)
+            logger.info("trial %s PRUNED: %s", t.key, row["error"])
 
         def on_trial_error(self, iteration, trials, trial, **info):
             t = ticket_of(trial)

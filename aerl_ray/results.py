@@ -13,6 +13,7 @@ Run-dir layout (:class:`RunDir`)::
       indicators.parquet/   gradient indicators, long format              (INDICATOR_COLUMNS)
       confirm.parquet/      one row per confirmation run (config x seed)  (CONFIRM_COLUMNS)
       confirm_plan.json     which configurations are confirmed, with which seeds
+      rungs.jsonl           a scheduler's (MOASHA) decisions, one JSON line each
       tune/                 Ray Tune experiments (one per attempt: search-0, confirm-0, ...),
                             per-trial TensorBoard events and checkpoints, unless --storage
                             puts them under STORAGE/<run_id>/
@@ -157,6 +158,8 @@ TRIAL_SCHEMA: dict[str, tuple[pa.DataType, str]] = {
     "diagnostics": (STR, "JSON: check -> {value, reference, delta, flag, detail} "
                          "(aerl_ray.diagnostics)"),
     "diagnostics_level": (STR, "cheap (search) or full (confirmation)"),
+    "stopped_at_rung": (F64, "PRUNED by a scheduler: the rung (epochs) it was stopped at"),
+    "dominated_by": (STR, "PRUNED by MOASHA: the trials that outranked it there"),
     "finished_at": (F64, "unix time the row was written"),
 }
 TRIAL_KEY = ["run_id", "trial_id"]
@@ -297,7 +300,7 @@ class RunDir:
     indicators = property(lambda self: self.root / "indicators.parquet")
     confirm = property(lambda self: self.root / "confirm.parquet")
     confirm_plan = property(lambda self: self.root / "confirm_plan.json")
-    rungs = property(lambda self: self.root / "rungs.parquet")
+    rungs = property(lambda self: self.root / "rungs.jsonl")
     tune = property(lambda self: self.root / "tune")
     report = property(lambda self: self.root / "report")
 

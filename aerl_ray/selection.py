@@ -5,8 +5,10 @@ Rules (``TrainConfig.select``):
 - ``last``: the last epoch of the final regime.
 - ``clean``: the best clean validation accuracy.
 - ``robust``: the best robust validation accuracy -- accuracy under a cheap PGD
-  (``select_steps`` steps at ``select_norm``/``select_eps``) on a fixed validation subset
-  (the first ``select_n`` validation images): the adversarial-training standard (Rice et
+  (``select_steps`` steps at ``select_norm``/``select_eps``) on a fixed subset of
+  ``select_n`` validation images (:func:`aerl_ray.rungs.robust_val_metrics`: the same
+  numbers a multi-objective scheduler ranks trials by; the worst of PGD, FGSM and
+  PGD-margin when a cheap masking check fires): the adversarial-training standard (Rice et
   al. 2020, robust overfitting), since the best clean epoch of an adversarial run is often
   a weak one.
 - ``auto`` (default): ``robust`` for adversarial and hybrid regimes when a budget is known
@@ -49,18 +51,6 @@ def selection_rule(cfg) -> tuple[str, str, float]:
     return rule, norm, float(eps)
 
 
-def robust_val_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm: str,
-                        eps: float, steps: int, seed: int, batch_size: int
-                        ) -> tuple[float, int, int]:
-    """Accuracy of ``model`` on (x, y) under PGD-``steps`` (CE, random start, sum-reduced);
-    returns (accuracy, forward example-passes, backward example-passes)."""
-    from aerl_ray.attacks import Threat, run_attack
-
-    r = run_attack("pgd", model, x, y, Threat(norm, eps), steps=steps, seed=seed,
-                   batch_size=batch_size)
-    return r.robust_acc, int(r.fwd_passes), int(r.bwd_passes)
-
-
 @dataclass
 class Selector:
     """Tracks the kept epoch across a run (its state goes into ``last.pt``)."""
@@ -88,16 +78,27 @@ class Selector:
         return epoch >= self.start
 
     def measure(self, model: nn.Module, x_val: torch.Tensor, y_val: torch.Tensor,
-                val_acc: float, seed: int, batch_size: int, device) -> dict[str, Any]:
-        """The epoch's selection metrics (robust accuracy only for the robust rule)."""
-        out: dict[str, Any] = {"val_robust_acc": None, "select_fwd": 0, "select_bwd": 0}
-        if self.rule == "robust":
-            k = min(self.n or len(y_val), len(y_val))
-            acc, fwd, bwd = robust_val_accuracy(
-                model, x_val[:k].to(device), y_val[:k].to(device), norm=self.norm,
-                eps=self.eps, steps=self.steps, seed=seed, batch_size=batch_size)
-            out.update(val_robust_acc=acc, select_fwd=fwd, select_bwd=bwd)
-            self.n_used = k
+                seed: int, batch_size: int, epoch: int, force: bool = False) -> dict[str, Any]:
+        """The epoch's robust validation metrics -- for the robust rule at a candidate
+        epoch, or (``force``) for a scheduler's rung -- by
+        :func:`aerl_ray.rungs.robust_val_metrics`: PGD on a fixed validation subset, the
+        worst attack when a cheap masking check fires.  ``seed`` picks the subset: the
+        same images for every trial of a sweep."""
+        out: dict[str, Any] = {"val_robust_acc": None, "val_robust_n": 0, "select_fwd": 0,
+                               "select_bwd": 0, "val_masking": None}
+        if not ((self.rule == "robust" and self.candidate(epoch)) or force):
+            return out
+        if self.eps <= 0:
+            raise ValueError("a robust validation metric needs a budget: set select_eps")
+        from aerl_ray.rungs import robust_val_metrics
+
+        r = robust_val_metrics(model, x_val, y_val, norm=self.norm, eps=self.eps,
+                               steps=self.steps, n=self.n or len(y_val), seed=seed,
+                               batch_size=batch_size, checks=True)
+        self.n_used = int(r["n"])
+        out.update(val_robust_acc=float(r["robust_acc"]), val_robust_n=int(r["n"]),
+                   select_fwd=int(r["fwd_passes"]), select_bwd=int(r["bwd_passes"]),
+                   val_masking=bool(r["masking"]))
         return out
 
     def offer(self, epoch: int, regime_active: str, val_acc: float,

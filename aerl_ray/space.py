@@ -20,6 +20,11 @@ A space file has these top-level keys (all but ``parameters`` and ``objectives``
                 mode: auto}          # mode: auto | in_process | ray_train
     scheduler: {type: none}          # or {type: asha, metric: val_acc, mode: max,
                                      #      grace_period: 2, reduction_factor: 2}
+                                     # or {type: moasha, grace_period: 3, reduction_factor: 3,
+                                     #      rung_metrics: [val_acc, val_robust_acc],
+                                     #      mode: stop | promote, noise_aware: false,
+                                     #      rung: {norm: linf, eps: 0.1, steps: 10, n: 256}}
+                                     # (aerl_ray.moasha; rung metrics on validation)
     evaluation: {...}                # the search's evaluation plan (aerl_ray.evalplan.EvalPlan),
                                      # always on the validation split
     confirm:                         # the confirmation stage (on by default)
@@ -264,11 +269,16 @@ def parse_space(raw: Mapping[str, Any], source: str = "<space>") -> SweepSpec:
     sampler = dict(raw.get("sampler") or {"type": "tpe"})
     if sampler.get("type") not in SAMPLERS:
         raise _err(src, f"sampler.type must be one of {list(SAMPLERS)}")
+    defaults = _selection_defaults(objectives, fixed, raw["parameters"])
     sched = dict(raw.get("scheduler") or {"type": "none"})
-    if sched.get("type") not in ("none", "asha"):
-        raise _err(src, "scheduler.type must be none or asha")
+    if sched.get("type") not in SCHEDULERS:
+        raise _err(src, f"scheduler.type must be one of {list(SCHEDULERS)}")
     if sched["type"] == "asha" and not sched.get("metric"):
         raise _err(src, "scheduler: asha needs 'metric', a per-epoch scalar such as val_acc")
+    if sched["type"] == "moasha":
+        sched = _parse_moasha(src, sched, fixed, raw, defaults)
+        defaults.update(sched.pop("_select"))  # the rung PGD is the robust selection's
+    fixed = {**defaults, **fixed}
     res = dict(raw.get("resources") or {})
     extra = set(res) - {"workers", "cpus_per_worker", "gpus_per_worker", "use_gpu", "mode",
                         "driver_resource"}
@@ -290,7 +300,6 @@ def parse_space(raw: Mapping[str, Any], source: str = "<space>") -> SweepSpec:
         raise _err(src, "evaluation.split: the search evaluates on the validation split "
                         "(objectives select hyperparameters); the test split is read only by "
                         "the confirm: stage")
-    fixed = {**_selection_defaults(objectives, fixed, raw["parameters"]), **fixed}
     spec = SweepSpec(name=str(raw.get("name") or Path(src).stem), params=tuple(params.values()),
                      objectives=tuple(objectives), fixed=fixed, seed=int(raw.get("seed", 0)),
                      points_to_evaluate=tuple(raw.get("points_to_evaluate") or ()),
@@ -333,6 +342,63 @@ def parse_space(raw: Mapping[str, Any], source: str = "<space>") -> SweepSpec:
         except ConfigError as e:
             raise _err(src, f"reference: {e}") from None
     return spec
+
+
+SCHEDULERS = ("none", "asha", "moasha")
+MOASHA_KEYS = {"type", "grace_period", "reduction_factor", "max_t", "rung_metrics", "modes",
+               "mode", "noise_aware", "rung"}
+RUNG_METRICS = ("val_acc", "val_robust_acc", "train_loss", "train_acc", "mean_reward")
+
+
+def _parse_moasha(src: str, sched: dict, fixed: Mapping[str, Any], raw: Mapping,
+                  defaults: Mapping[str, Any]) -> dict:
+    """Validate a moasha scheduler section; its ``rung`` PGD becomes the select_* settings
+    (one measurement serves the rungs and the robust checkpoint selection)."""
+    from aerl_ray.moasha_config import MOASHAConfig
+
+    extra = set(sched) - MOASHA_KEYS
+    if extra:
+        raise _err(src, f"scheduler: unknown key(s) {sorted(extra)}; allowed: "
+                        f"{sorted(MOASHA_KEYS)}")
+    metrics = list(sched.get("rung_metrics") or ["val_acc", "val_robust_acc"])
+    bad = [m for m in metrics if m not in RUNG_METRICS]
+    if bad:
+        raise _err(src, f"scheduler.rung_metrics {bad}: rung metrics are per-epoch "
+                        f"validation/training values, one of {list(RUNG_METRICS)}")
+    modes = list(sched.get("modes") or ["min" if m == "train_loss" else "max"
+                                        for m in metrics])
+    epochs = fixed.get("epochs", (raw.get("parameters") or {}).get("epochs", {}).get("high"))
+    max_t = sched.get("max_t") or epochs or 1000
+    try:
+        cfg = MOASHAConfig(tuple(metrics), tuple(modes), "epochs_done",
+                           sched.get("grace_period", 1), sched.get("reduction_factor", 3),
+                           max_t, sched.get("mode", "stop"), bool(sched.get("noise_aware",
+                                                                           False)))
+    except (ValueError, TypeError) as e:
+        raise _err(src, f"scheduler: {e}") from None
+    rung = dict(sched.get("rung") or {})
+    extra = set(rung) - {"norm", "eps", "steps", "n"}
+    if extra:
+        raise _err(src, f"scheduler.rung: unknown key(s) {sorted(extra)}; give norm, eps, "
+                        "steps and n of the rung PGD")
+    select = {f"select_{k}": (str(v).lower() if k == "norm" else v) for k, v in rung.items()}
+    if "select_eps" in select:
+        from aerl_ray.attacks.threat import parse_eps
+
+        select["select_eps"] = parse_eps(select["select_eps"])
+    clash = [k for k in select if k in fixed and fixed[k] != select[k]]
+    if clash:
+        raise _err(src, f"scheduler.rung and fixed both set {clash}; set the rung PGD in one "
+                        "place (it is also the robust checkpoint selection's)")
+    if "val_robust_acc" in metrics and not (select.get("select_eps") or fixed.get("select_eps")
+                                            or defaults.get("select_eps")):
+        raise _err(src, "scheduler: the rung metric val_robust_acc needs a PGD budget: give "
+                        "scheduler.rung.eps (or a robust objective, whose budget is the "
+                        "default)")
+    return {"type": "moasha", "rung_metrics": list(cfg.metrics), "modes": list(cfg.modes),
+            "grace_period": cfg.grace_period, "reduction_factor": cfg.reduction_factor,
+            "max_t": cfg.max_t, "mode": cfg.mode, "noise_aware": cfg.noise_aware,
+            "milestones": [m for m in cfg.milestones()], "_select": select}
 
 
 def _parse_confirm(src: str, raw: Any) -> dict[str, Any]:

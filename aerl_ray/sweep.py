@@ -427,6 +427,8 @@ def _run_phases(setup: _Setup, ledger: Ledger, plan_res: dict, attempt: int, rer
             "objectives": [o.__dict__ for o in spec.objectives], "resources": plan_res,
             "mode": plan_res["mode"], "base_seed": spec.seed,
             "scheduler_metric": spec.scheduler.get("metric"), "dispatcher": dispatcher,
+            # epochs at which a multi-objective scheduler's rungs need val_robust_acc
+            "robust_epochs": [int(m) - 1 for m in spec.scheduler.get("milestones", ())],
             "namespace": NAMESPACE, "train_storage": storage_path.rstrip("/") + "/train"}
     fit_seconds = float("nan")
     try:
@@ -478,6 +480,11 @@ def _fit(ledger: Ledger, name: str, tickets, new_trials: bool, count: int, meta:
     spec = ledger.spec
     searcher = searcher_class()(ledger, tickets, new_trials=new_trials)
     scheduler = None
+    concurrency = plan_res["concurrency"]
+    if spec.scheduler.get("type") == "moasha" and new_trials:
+        scheduler = _moasha(ledger)
+        if spec.scheduler["mode"] == "promote":
+            concurrency = None  # a limiter counts paused trials as running (resources bound it)
     if spec.scheduler.get("type") == "asha" and new_trials:
         from ray.tune.schedulers import ASHAScheduler
 
@@ -499,7 +506,7 @@ def _fit(ledger: Ledger, name: str, tickets, new_trials: bool, count: int, meta:
             search_alg=searcher, scheduler=scheduler, num_samples=count,
             trial_dirname_creator=lambda t: f"trial_{t.config['_trial']['key']}",
             # a new trial reuses a finished trial's process: no re-import of torch/Ray
-            reuse_actors=True, max_concurrent_trials=plan_res["concurrency"]))
+            reuse_actors=True, max_concurrent_trials=concurrency))
     sig.graceful = True
     try:
         tuner.fit()
@@ -511,6 +518,22 @@ def _fit(ledger: Ledger, name: str, tickets, new_trials: bool, count: int, meta:
         sig.graceful = False
     if ledger.interrupted.is_set():
         raise SweepInterrupted(ledger.run.root)
+
+
+def _moasha(ledger: Ledger):
+    """The multi-objective scheduler, rebuilt from the decisions the run dir holds (a
+    resumed sweep loses no rung decision); trials are named by their ledger ids."""
+    from aerl_ray.ledger import Ticket
+    from aerl_ray.moasha import MOASHA
+
+    s = ledger.spec.scheduler
+    return MOASHA.from_records(
+        ledger.rung_records(), s["rung_metrics"], s["modes"], time_attr="epochs_done",
+        grace_period=s["grace_period"], reduction_factor=s["reduction_factor"],
+        max_t=s["max_t"], mode=s["mode"], noise_aware=s["noise_aware"],
+        # a trial that reaches its last epoch is evaluated, not stopped at max_t
+        stop_last_trials=False,
+        trial_key=lambda t: Ticket.of(t.config).key, on_decision=ledger.record_rung)
 
 
 def collect(run: R.RunDir, spec: SweepSpec, fit_seconds: float = float("nan"),

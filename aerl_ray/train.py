@@ -68,6 +68,8 @@ class WorkerContext:
     splits: Splits | None = None  # pre-loaded data (tests, benchmarks)
     final_test: bool = True  # measure test accuracy of the kept model at the end (single
     # runs); a sweep's trials never touch test (the confirmation stage does)
+    robust_epochs: frozenset = frozenset()  # epochs that measure the robust validation
+    # metric whatever the selection rule (a scheduler's rungs)
 
 
 @dataclass
@@ -243,10 +245,9 @@ def train_loop(cfg: TrainConfig, out_dir: str | os.PathLike,
         with counter.paused():  # compute figures count training passes only
             val_acc = accuracy(model, splits.x_val, splits.y_val, cfg.eval_batch_size, device)
             grad_norm = input_grad_norm(model, gx, gy, device)
-            sel = (selector.measure(base, splits.x_val, splits.y_val, val_acc, cfg.seed,
-                                    cfg.eval_batch_size, device)
-                   if selector.candidate(epoch) else {"val_robust_acc": None,
-                                                      "select_fwd": 0, "select_bwd": 0})
+            sel = selector.measure(base, splits.x_val.to(device), splits.y_val.to(device),
+                                   cfg.data.split_seed, cfg.eval_batch_size, epoch,
+                                   force=epoch in wctx.robust_epochs)
         totals["select_fwd_passes"] += sel["select_fwd"] * wctx.world_size
         totals["select_bwd_passes"] += sel["select_bwd"] * wctx.world_size
         kept = selector.offer(epoch, active, val_acc, sel["val_robust_acc"], last_epoch)
@@ -254,7 +255,9 @@ def train_loop(cfg: TrainConfig, out_dir: str | os.PathLike,
              "train_loss": sums["loss"] / max(1, sums["n"]),
              "train_acc": sums["correct"] / max(1, sums["n"]),
              "mean_reward": (sums["reward"] / sums["reward_n"]) if sums["reward_n"] else None,
-             "val_acc": val_acc, "val_robust_acc": sel["val_robust_acc"],
+             "val_acc": val_acc, "val_acc_n": len(splits.y_val),
+             "val_robust_acc": sel["val_robust_acc"], "val_robust_acc_n": sel["val_robust_n"],
+             "val_masking": sel["val_masking"],
              "input_grad_norm": grad_norm,
              "fwd_passes": counter.fwd * wctx.world_size,
              "bwd_passes": counter.bwd * wctx.world_size, **totals,

@@ -107,7 +107,8 @@ def worker_fn(config: dict) -> None:
         train_loop(cfg, out, WorkerContext(rank=rank, world_size=world, device=device,
                                            wrap_model=ray.train.torch.prepare_model,
                                            on_epoch=on_epoch, resume=resume,
-                                           final_test=False))
+                                           final_test=False, robust_epochs=frozenset(
+                                               config.get("robust_epochs", ()))))
     except DivergedError as e:  # not a worker failure: Ray Train must not retry it
         # Result.metrics of trainer.fit() are those of the latest *checkpointed* report,
         # so rank 0 attaches a marker checkpoint to this one
@@ -122,7 +123,8 @@ def worker_fn(config: dict) -> None:
             shutil.rmtree(snap, ignore_errors=True)
 
 
-def _train_in_process(cfg: TrainConfig, names: list[str], ticket: Ticket) -> dict:
+def _train_in_process(cfg: TrainConfig, names: list[str], ticket: Ticket,
+                      robust_epochs=()) -> dict:
     from ray import tune
 
     out = Path(tempfile.mkdtemp(prefix="aerl-trial-"))
@@ -136,7 +138,8 @@ def _train_in_process(cfg: TrainConfig, names: list[str], ticket: Ticket) -> dic
     try:
         res = train_loop(cfg, out, WorkerContext(device=resolve_device(cfg.device),
                                                  on_epoch=on_epoch, resume=resume,
-                                                 final_test=False))
+                                                 final_test=False,
+                                                 robust_epochs=frozenset(robust_epochs)))
         best = load_checkpoint(out / "best.pt")
     finally:
         shutil.rmtree(out, ignore_errors=True)
@@ -157,7 +160,8 @@ def _train_with_torchtrainer(cfg: TrainConfig, names: list[str], meta: dict, tic
     trainer = TorchTrainer(
         worker_fn,
         train_loop_config={"train": cfg.to_flat(), "objective_names": names,
-                           "scheduler_metric": meta.get("scheduler_metric")},
+                           "scheduler_metric": meta.get("scheduler_metric"),
+                           "robust_epochs": list(meta.get("robust_epochs", ()))},
         scaling_config=ray.train.ScalingConfig(num_workers=int(res.get("workers", 1)),
                                                use_gpu=use_gpu, resources_per_worker=per_worker),
         run_config=ray.train.RunConfig(
@@ -198,7 +202,7 @@ def trial_fn(config: dict) -> None:
     t_start = time.perf_counter()
     try:
         if meta["mode"] == "in_process":
-            trained = _train_in_process(cfg, names, ticket)
+            trained = _train_in_process(cfg, names, ticket, meta.get("robust_epochs", ()))
         else:
             trained = _train_with_torchtrainer(cfg, names, meta, ticket)
     except DivergedError as e:  # final, not retried: the same config diverges again

@@ -217,7 +217,8 @@ def _running(run: Path) -> set:
 
 def test_killed_and_interrupted_sweep_resumes_exactly(study_of, ray_session, tmp_path):
     """SIGKILL while two trials train, SIGKILL while a trial is evaluated, Ctrl-C (SIGINT
-    to the process group) right after a trial finished: each time --resume continues; at
+    to the process group) right after a trial finished, Ctrl-C twice while trials train:
+    each time --resume continues; at
     the end exactly the asked trials exist once, in the study and in plain pandas reads,
     with every epoch and evaluation row once and the compute of an uninterrupted run."""
     space, run = _chain_space(tmp_path), tmp_path / "run"
@@ -249,7 +250,15 @@ def test_killed_and_interrupted_sweep_resumes_exactly(study_of, ray_session, tmp
     out = s.output()
     assert f"interrupted; resume with python -m aerl_ray.sweep --resume {run.resolve()}" in out
     assert "Traceback" not in out, out[-3000:]
-    # 4. resume to the end (in this process)
+    # 4. resume; Ctrl-C twice while trials train: stops at once, still resumable
+    s = Sweep(["--resume", str(run)], logs / "4.log")
+    s.wait_for("a trial training", lambda: bool(_running(run)))
+    s.signal(signal.SIGINT)
+    time.sleep(1.0)
+    s.signal(signal.SIGINT)
+    assert s.proc.wait(timeout=120) == 130, s.output()[-3000:]
+    assert "interrupted; resume with" in s.output() and "Traceback" not in s.output()
+    # 5. resume to the end (in this process)
     res = run_sweep(resume=run, verbose=0)
 
     trials = pd.read_parquet(run / "trials.parquet")
