@@ -367,7 +367,8 @@ def _parse_moasha(src: str, sched: dict, fixed: Mapping[str, Any], raw: Mapping,
                         f"validation/training values, one of {list(RUNG_METRICS)}")
     modes = list(sched.get("modes") or ["min" if m == "train_loss" else "max"
                                         for m in metrics])
-    epochs = fixed.get("epochs", (raw.get("parameters") or {}).get("epochs", {}).get("high"))
+    ep = (raw.get("parameters") or {}).get("epochs") or {}
+    epochs = fixed.get("epochs", ep.get("high") or max(ep.get("choices") or [0]) or None)
     max_t = sched.get("max_t") or epochs or 1000
     try:
         cfg = MOASHAConfig(tuple(metrics), tuple(modes), "epochs_done",

@@ -285,3 +285,55 @@ def plot_compute(table: pd.DataFrame, headline: Headline, colors: Mapping[str, t
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=7)
     return _save(fig, path, headline, "Robust accuracy vs training compute (labels: epochs run)")
+
+
+def search_progress(trials: pd.DataFrame, objectives: Sequence[Mapping]) -> pd.DataFrame:
+    """Per finished trial (in finishing order): cumulative compute (training + selection /
+    rung validation + evaluation, in example-passes and seconds) and the hypervolume of the
+    validation front of the COMPLETE trials so far (2 objectives, reference (0, 0), each
+    oriented to be maximised)."""
+    from analysis.pareto import hypervolume_2d
+
+    cols = ["finished_at", "passes", "seconds", "hypervolume"]
+    names = [o["name"] for o in objectives][:2]
+    if trials.empty or len(names) < 2 or any(f"obj_{n}" not in trials for n in names):
+        return pd.DataFrame(columns=cols)
+    t = trials.sort_values("finished_at").reset_index(drop=True)
+    num = lambda c: pd.to_numeric(t[c], errors="coerce").fillna(0) if c in t else 0  # noqa: E731
+    passes = sum(num(c) for c in ("train_fwd_passes", "train_bwd_passes", "select_fwd_passes",
+                                  "select_bwd_passes", "eval_fwd_passes", "eval_bwd_passes"))
+    seconds = num("train_seconds") + num("eval_compute_seconds")
+    signs = [1 if o.get("direction", "max") == "max" else -1 for o in objectives[:2]]
+    rows = []
+    for i in range(len(t)):
+        done = t.iloc[: i + 1]
+        done = done[done["status"] == "COMPLETE"]
+        pts = done[[f"obj_{n}" for n in names]].to_numpy(dtype=float) * signs
+        rows.append({"finished_at": t["finished_at"].iloc[i],
+                     "passes": float(np.asarray(passes)[: i + 1].sum()),
+                     "seconds": float(np.asarray(seconds)[: i + 1].sum()),
+                     "hypervolume": hypervolume_2d(pts) if len(pts) else 0.0})
+    return pd.DataFrame(rows, columns=cols)
+
+
+def plot_search_efficiency(trials: pd.DataFrame, objectives: Sequence[Mapping],
+                           scheduler: str, path: Path) -> Path:
+    """Hypervolume of the validation front vs cumulative compute (passes and seconds)."""
+    prog = search_progress(trials, objectives)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), squeeze=False)
+    for ax, what in zip(axes[0], ("passes", "seconds")):
+        if prog.empty:
+            _note(ax, "needs two objectives and finished trials")
+            continue
+        ax.step(prog[what], prog["hypervolume"], where="post", color="#1f77b4")
+        ax.plot(prog[what], prog["hypervolume"], "o", ms=3, color="#1f77b4")
+        ax.set_xlabel("cumulative compute: forward + backward example-passes" if what == "passes"
+                      else "cumulative compute: trial seconds")
+        ax.set_ylabel("hypervolume of the validation front")
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"Search efficiency (scheduler: {scheduler}); every trial counted, pruned ones "
+                 "too", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -106,6 +106,10 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None, attack:
     paths["importance.png"] = plots.plot_importance(param_importances(data), table, params, head,
                                                     colors, out / "importance.png")
     paths["compute.png"] = plots.plot_compute(table, head, colors, out / "compute.png")
+    sched = ((data.spec.get("space") or {}).get("scheduler") or {}).get("type", "none")
+    if sched != "none":
+        paths["search_efficiency.png"] = plots.plot_search_efficiency(
+            data.trials, data.objectives, sched, out / "search_efficiency.png")
 
     confirmed = confirmed_table(data.confirm, data.evals)
     if not confirmed.empty:
@@ -116,7 +120,9 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None, attack:
                           _pending(table))
     paths["report.html"] = out / "report.html"
     paths["report.html"].write_text(render_html(data, head, table, front, hv, ref, params,
-                                                command, {k: paths[k] for k in FIGURES}, md,
+                                                command, {k: paths[k] for k in FIGURES
+                                                          + ("search_efficiency.png",)
+                                                          if k in paths}, md,
                                                 confirmed),
                                     encoding="utf-8")
     logger.info("report written to %s", paths["report.html"])
@@ -180,6 +186,9 @@ _CAPTIONS = {
     "indicators.png": "Input-gradient norm and direction instability vs robust accuracy.",
     "importance.png": "Hyperparameter importance per objective (fANOVA) and parallel coordinates.",
     "compute.png": "Robust accuracy vs training compute.",
+    "search_efficiency.png": "Hypervolume of the validation front vs cumulative compute "
+                             "(training, rung/selection validation and evaluation, pruned "
+                             "trials included), in finishing order.",
 }
 
 
