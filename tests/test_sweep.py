@@ -361,3 +361,44 @@ def test_address_auto_refuses_someone_elses_ray(tmp_path, monkeypatch):
     os.chown(session, 1, 1)
     with pytest.raises(PreflightError, match="would attach to a Ray cluster started by"):
         check_auto_address("auto")
+
+
+def test_moasha_sweep_killed_mid_search_loses_no_rung_decision(study_of, ray_session, tmp_path):
+    """MOASHA through real Ray + Optuna: the driver is SIGKILLed after a rung decision while
+    trials run; --resume rebuilds the scheduler from rungs.jsonl: no decision is lost or
+    taken twice, stopped trials stay stopped and enter the study as PRUNED with their rung
+    values, and the report draws hypervolume vs compute."""
+    from aerl_ray.moasha_config import DecisionLog
+
+    run = tmp_path / "run"
+    space = ROOT / "search_spaces" / "quickstart_moasha.yaml"
+    s = Sweep(["--space", str(space), "--smoke", "--run-dir", str(run)], tmp_path / "1.log")
+    log = DecisionLog(run / "rungs.jsonl")
+    s.wait_for("a stop decision while trials run",
+               lambda: any(r["decision"] == "stop" for r in log.read()) and bool(_running(run)))
+    s.signal(signal.SIGKILL)
+    s.proc.wait()
+    before = log.read()
+    res = run_sweep(resume=run, verbose=0)
+    after = log.read()
+    assert after[:len(before)] == before  # kept as written
+    decided = [(r["key"], r["rung"]) for r in after if r["decision"] in ("continue", "stop")]
+    assert len(decided) == len(set(decided))  # never decided twice at a rung
+    trials = pd.read_parquet(run / "trials.parquet").set_index("trial_id")
+    assert len(trials) == 4 and set(trials["status"]) <= {"COMPLETE", "PRUNED"}
+    stopped = {r["key"]: r for r in after if r["decision"] == "stop"}
+    assert stopped and set(stopped) == set(trials.index[trials["status"] == "PRUNED"])
+    epochs = pd.read_parquet(run / "epochs.parquet")
+    for key, rec in stopped.items():
+        assert trials.loc[key, "stopped_at_rung"] == rec["rung"]
+        assert f"stopped at epochs_done={rec['rung']}" in trials.loc[key, "error"]
+        assert epochs[epochs.trial_id == key]["epoch"].max() == rec["rung"] - 1  # no more
+    study = study_of(run)
+    pruned = [t for t in study.trials if t.state == optuna.trial.TrialState.PRUNED]
+    assert len(pruned) == len(stopped) and len(study.trials) == 4
+    assert all(t.user_attrs["rung_values"] and "stopped_at_rung" in t.user_attrs for t in pruned)
+    from analysis.report import write_report
+
+    rep = write_report(run)
+    assert rep.paths["search_efficiency.png"].stat().st_size > 5000
+    assert len(res.trials) == 4
