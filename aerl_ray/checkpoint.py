@@ -7,7 +7,8 @@ A checkpoint is a dict of tensors and plain Python values (no pickled objects):
 - ``config``: the resolved flat :class:`~aerl_ray.config.TrainConfig`
 - ``dataset_info``: num_classes, in_channels, image_size, mean, std
 - ``epoch``, ``metrics`` (of that epoch), ``seed``, ``versions`` (python, torch, ray, ...),
-  ``git_rev``
+  ``git_rev``, ``plugins`` (module, path, source hash of each loaded plugin) and
+  ``code_hash`` (:func:`aerl_ray.plugins.code_hash`: which code made it)
 - ``train_state`` (``last.pt`` only): optimiser, scheduler, RNG states, pass counters and
   the selection state, for resuming after a crash.
 - ``selection`` (``best.pt``): why this epoch was kept (:mod:`aerl_ray.selection`): rule,
@@ -93,12 +94,26 @@ def make_checkpoint(model: torch.nn.Module, config: dict, info, epoch: int, metr
         "seed": int(config.get("seed", 0)),
         "versions": package_versions(),
         "git_rev": git_revision(),
+        "plugins": [p.as_dict() for p in _plugins()],
+        "code_hash": _code_hash(),
     }
     if train_state is not None:
         ckpt["train_state"] = train_state
     if selection is not None:
         ckpt["selection"] = selection
     return ckpt
+
+
+def _plugins():
+    from aerl_ray.plugins import loaded
+
+    return loaded()
+
+
+def _code_hash() -> str:
+    from aerl_ray.plugins import code_hash
+
+    return code_hash()
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
@@ -156,6 +171,14 @@ def model_from_checkpoint(ckpt: dict | str | Path, model_name: str | None = None
     name = cfg["model"]
     if model_name is not None and model_name != name:
         raise CheckpointError(f"checkpoint holds a {name!r} model, not {model_name!r}")
+    from aerl_ray.models import MODELS
+
+    if name not in MODELS:
+        made_with = [p.get("spec") for p in ckpt.get("plugins") or []]
+        raise CheckpointError(f"checkpoint holds a {name!r} model, which no loaded code "
+                              f"registers (known: {', '.join(MODELS.names())})"
+                              + (f"; it was trained with plugins {made_with}: pass them with "
+                                 "--plugin" if made_with else ""))
     info = DatasetInfo(**{k: tuple(v) if isinstance(v, list) else v
                           for k, v in ckpt["dataset_info"].items()})
     model = build_model(name, info, spectral_norm=bool(cfg.get("spectral_norm", False)))

@@ -180,8 +180,13 @@ class SweepEvaluator:
 class EvaluatorActor:
     """Holds an :class:`aerl_ray.evaluate.Evaluator` (plan, reference model, caches)."""
 
-    def __init__(self, plans: dict, reference: dict | None, seed: int):
+    def __init__(self, plans: dict, reference: dict | None, seed: int,
+                 plugins: list | None = None):
         import torch
+
+        from aerl_ray.plugins import load_in_worker
+
+        load_in_worker(plugins or [])
 
         gpus = ray.get_runtime_context().get_assigned_resources().get("GPU", 0)
         device = "cuda" if gpus and torch.cuda.is_available() else "cpu"
@@ -207,8 +212,8 @@ class EvalDispatcher:
     idle evaluator and returns it afterwards."""
 
     def __init__(self, n: int, plans: dict, reference_ref: list | None, seed: int,
-                 actor_options: dict, max_attempts: int = 3):
-        self.plans, self.seed = plans, seed
+                 actor_options: dict, max_attempts: int = 3, plugins: list | None = None):
+        self.plans, self.seed, self.plugins = plans, seed, plugins or []
         self.reference_ref = reference_ref[0] if reference_ref else None
         self.options = actor_options
         self.max_attempts = max_attempts
@@ -220,7 +225,7 @@ class EvalDispatcher:
 
     def _new_actor(self, i: int):
         return EvaluatorActor.options(**self.options).remote(
-            self.plans, self.reference_ref, self.seed)
+            self.plans, self.reference_ref, self.seed, self.plugins)
 
     async def evaluate(self, ckpt_ref: list, meta: dict) -> dict:
         """Evaluate one checkpoint (passed as ``[ObjectRef]`` so it is not copied here)."""
@@ -252,7 +257,7 @@ class EvalDispatcher:
 
 
 def start_pool(name: str, namespace: str, n: int, plans: dict, reference: dict | None,
-               seed: int, cpus: float, gpus: float):
+               seed: int, cpus: float, gpus: float, plugins: list | None = None):
     """Create the named dispatcher (and its evaluators); returns the handle.  ``plans``:
     phase (search, confirm) -> evaluation section."""
     # SPREAD: evaluators land on different nodes (a lost node takes one evaluator, not all)
@@ -261,4 +266,4 @@ def start_pool(name: str, namespace: str, n: int, plans: dict, reference: dict |
         options["num_gpus"] = gpus
     ref = [ray.put(reference)] if reference is not None else None
     return EvalDispatcher.options(name=name, namespace=namespace, lifetime=None).remote(
-        n, plans, ref, seed, options)
+        n, plans, ref, seed, options, plugins=plugins)

@@ -65,8 +65,11 @@ class Target:
 
     def row_base(self) -> dict[str, Any]:
         """The columns every results row of this checkpoint carries."""
+        from aerl_ray.plugins import code_hash
+
         return {"checkpoint": self.label, "model": self.model_name, "dataset": self.dataset,
                 "regime": self.regime, "config_hash": self.config_hash,
+                "code_hash": code_hash(),
                 "train_seed": self.train_seed, "ckpt_epoch": self.ckpt_epoch,
                 "ckpt_regime": self.ckpt_regime, "ckpt_reason": self.ckpt_reason}
 
@@ -441,6 +444,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write 1-D loss-landscape slices (JSON + PNG) under --out")
     p.add_argument("--out", default="", help="output dir for evals.parquet/indicators.parquet")
     p.add_argument("--device", default="cpu", help="cpu, cuda[:N] or auto")
+    p.add_argument("--plugin", action="append", default=[], metavar="MODULE_OR_PATH",
+                   help="import your own attacks/models/regimes/datasets first (a module "
+                        "name, a .py file or a package dir; repeatable)")
     p.add_argument("--run-id", default="")
     p.add_argument("--trial-id", default="")
     return p
@@ -500,12 +506,15 @@ def _aa_grids(args: argparse.Namespace, grids: Mapping[str, Any], attacks: list[
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from aerl_ray.plugins import PluginError, load_plugins
+
     try:
+        load_plugins(args.plugin)
         plan = plan_from_args(args)
         ev = run_evaluation(
             args.checkpoint, plan, run_id=args.run_id, trial_id=args.trial_id,
             device=args.device, landscape_dir=args.out if args.landscape and args.out else None)
-    except (EvalPlanError, CheckpointError, ValueError) as e:
+    except (EvalPlanError, CheckpointError, ValueError, PluginError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     rows, ind, diag = ev.rows, ev.indicators, ev.diagnostics

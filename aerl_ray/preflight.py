@@ -17,7 +17,8 @@ from typing import Any, Mapping
 logger = logging.getLogger(__name__)
 
 # flags that define a sweep: --resume must be given the same ones (or none)
-DEFINING_FLAGS = ("space", "smoke", "num_samples", "overrides", "storage", "optuna_storage")
+DEFINING_FLAGS = ("space", "smoke", "num_samples", "overrides", "storage", "optuna_storage",
+                  "plugins")
 
 
 class PreflightError(RuntimeError):
@@ -119,7 +120,7 @@ def resume_flags(saved: Mapping[str, Any], given: Mapping[str, Any]) -> None:
     bad = []
     for k in DEFINING_FLAGS:
         v = given.get(k)
-        if v is None or v is False or (k == "overrides" and not v):
+        if v is None or v is False or (k in ("overrides", "plugins") and not v):
             continue  # not given: the original value is used
         old = flags.get(k)
         if k == "space":

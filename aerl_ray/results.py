@@ -72,6 +72,7 @@ EVAL_SCHEMA: dict[str, tuple[pa.DataType, str]] = {
     "config_hash": (STR, "sha1 (12 hex) of the checkpoint's resolved training config"),
     "train_seed": (I64, "seed the checkpoint was trained with"),
     **_CKPT_COLUMNS,
+    "code_hash": (STR, "which code evaluated it: git revision (+ the plugins' source hash)"),
     "attack": (STR, "attack name (registry name, e.g. pgd, autoattack, square, "
                     "transfer:SOURCE; worst_case = per example, broken by any attack)"),
     "norm": (STR, "Linf or L2"),
@@ -145,6 +146,7 @@ TRIAL_SCHEMA: dict[str, tuple[pa.DataType, str]] = {
     "params": (STR, "JSON of the searched parameters"),
     "config": (STR, "JSON of the resolved training config"),
     "config_hash": (STR, "sha1 (12 hex) of the resolved training config"),
+    "code_hash": (STR, "which code trained it: git revision (+ the plugins' source hash)"),
     "epochs_run": (I64, "epochs actually trained"),
     **_CKPT_COLUMNS,
     "val_acc": (F64, "clean validation accuracy of the selected checkpoint (whole val split)"),
@@ -197,6 +199,7 @@ CONFIRM_SCHEMA: dict[str, tuple[pa.DataType, str]] = {
     "regime": (STR, "training regime"), "params": (STR, "JSON of the searched parameters"),
     "config": (STR, "JSON of the resolved training config"),
     "config_hash": (STR, "sha1 (12 hex) of the resolved training config"),
+    "code_hash": (STR, "which code trained it: git revision (+ the plugins' source hash)"),
     "epochs_run": (I64, "epochs trained"), **_CKPT_COLUMNS,
     "val_acc": (F64, "clean validation accuracy of the selected checkpoint"),
     "val_robust_acc": (F64, "robust validation accuracy of the selected checkpoint"),

@@ -38,6 +38,8 @@ A space file has these top-level keys (all but ``parameters`` and ``objectives``
       enabled: true
     keep_checkpoints: 2              # Tune checkpoints kept per trial (each holds last.pt and
                                      # the selected best.pt)
+    plugins: [mylab.regimes, ./my_attacks.py]   # your own regimes/models/attacks/datasets
+                                     # (aerl_ray.plugins; paths relative to this file)
     smoke: {...}                     # overrides applied by --smoke (tiny runs for tests)
 
 Keys of ``fixed``, ``parameters`` and ``points_to_evaluate`` are flat
@@ -57,7 +59,7 @@ import itertools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import yaml
 
@@ -65,7 +67,7 @@ from aerl_ray.config import ConfigError, TrainConfig, flat_fields
 
 TOP_KEYS = {"name", "seed", "fixed", "parameters", "points_to_evaluate", "objectives",
             "sampler", "num_samples", "max_concurrent", "resources", "scheduler", "evaluation",
-            "smoke", "description", "reference", "confirm", "keep_checkpoints"}
+            "smoke", "description", "reference", "confirm", "keep_checkpoints", "plugins"}
 CONFIRM_KEYS = {"enabled", "seeds", "configs", "n", "evaluation"}
 CONFIRM_CONFIGS = ("front", "front+best")
 PARAM_TYPES = {"categorical": {"choices"}, "float": {"low", "high", "log", "step"},
@@ -141,6 +143,7 @@ class SweepSpec:
     reference: Mapping[str, Any] = field(default_factory=dict)
     confirm: Mapping[str, Any] = field(default_factory=dict)
     keep_checkpoints: int = 2
+    plugins: tuple = ()  # aerl_ray.plugins.Plugin: imported before validation
     source: str = ""
     raw: Mapping[str, Any] = field(default_factory=dict)
 
@@ -240,6 +243,7 @@ def parse_space(raw: Mapping[str, Any], source: str = "<space>") -> SweepSpec:
     for k in ("parameters", "objectives"):
         if not raw.get(k):
             raise _err(src, f"missing required key {k!r}")
+    plugins = _load_space_plugins(src, raw.get("plugins"))
     fixed = dict(raw.get("fixed") or {})
     for k in fixed:
         if k not in flat_fields():
@@ -307,7 +311,7 @@ def parse_space(raw: Mapping[str, Any], source: str = "<space>") -> SweepSpec:
                      max_concurrent=int(raw.get("max_concurrent", 0)), resources=res,
                      scheduler=sched, evaluation=dict(raw.get("evaluation") or {}),
                      reference=dict(raw.get("reference") or {}), confirm=confirm,
-                     keep_checkpoints=keep, source=src, raw=dict(raw))
+                     keep_checkpoints=keep, plugins=tuple(plugins), source=src, raw=dict(raw))
     # every corner of the space and every point to evaluate must build a valid config
     for values in _corner_configs(spec) + [dict(p) for p in spec.points_to_evaluate]:
         for k in values:
@@ -402,6 +406,23 @@ def _parse_moasha(src: str, sched: dict, fixed: Mapping[str, Any], raw: Mapping,
             "milestones": [m for m in cfg.milestones()], "_select": select}
 
 
+def _load_space_plugins(src: str, specs: Any) -> list:
+    """Import the space's plugins (paths relative to the space file) before anything is
+    validated, so their regimes, models, attacks and datasets are known names."""
+    from aerl_ray.plugins import PluginError, load_plugins
+
+    if specs is None:
+        return []
+    if not isinstance(specs, list) or not all(isinstance(p, str) and p for p in specs):
+        raise _err(src, "plugins: give a list of module names or paths, e.g. "
+                        "[mylab.regimes, ./my_attacks.py]")
+    base = Path(src).parent if src and not src.startswith("<") else Path(".")
+    try:
+        return load_plugins(specs, base_dir=base)
+    except PluginError as e:
+        raise _err(src, str(e)) from None
+
+
 def _parse_confirm(src: str, raw: Any) -> dict[str, Any]:
     c = {"enabled": True, "seeds": 3, "configs": "front+best", "n": 0, "evaluation": {}}
     if raw is None:
@@ -461,9 +482,11 @@ _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _n
 
 
 def load_space(path: str | Path, smoke: bool = False,
-               overrides: Mapping[str, Any] | None = None) -> SweepSpec:
+               overrides: Mapping[str, Any] | None = None,
+               plugins: Sequence[str] = ()) -> SweepSpec:
     """Read and validate a space file; ``smoke`` applies its ``smoke:`` overrides, then
-    ``overrides`` (e.g. ``{"num_samples": 2}``) are merged on top."""
+    ``overrides`` (e.g. ``{"num_samples": 2}``) are merged on top; ``plugins`` (module
+    names or absolute paths, e.g. from ``--plugin``) are added to the file's."""
     path = Path(path)
     if not path.is_file():
         raise SpaceError(f"search space {path} does not exist; see search_spaces/ for examples")
@@ -475,6 +498,10 @@ def load_space(path: str | Path, smoke: bool = False,
         raw = apply_overrides(raw, raw["smoke"])
     if overrides and isinstance(raw, Mapping):
         raw = apply_overrides(raw, overrides)
+    if plugins and isinstance(raw, Mapping):
+        raw = {**raw, "plugins": [*(raw.get("plugins") or []),
+                                  *[str(Path(p).resolve()) if Path(p).exists() else p
+                                    for p in plugins]]}
     return parse_space(raw, str(path))
 
 

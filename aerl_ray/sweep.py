@@ -76,7 +76,8 @@ class SweepResult:
 
 # ---------------------------------------------------------------------------------------
 # Ray
-def _connect(address: str | None, num_cpus: int | None) -> None:
+def _connect(address: str | None, num_cpus: int | None, runtime_env: dict | None = None
+             ) -> None:
     import ray
 
     if address and address not in ("auto", "local"):
@@ -85,10 +86,11 @@ def _connect(address: str | None, num_cpus: int | None) -> None:
         return
     try:
         if address:
-            ray.init(address=address, namespace=NAMESPACE, log_to_driver=False)
+            ray.init(address=address, namespace=NAMESPACE, log_to_driver=False,
+                     runtime_env=runtime_env or None)
         else:
             ray.init(address="local", namespace=NAMESPACE, include_dashboard=True,
-                     num_cpus=num_cpus, log_to_driver=False)
+                     num_cpus=num_cpus, log_to_driver=False, runtime_env=runtime_env or None)
     except Exception as e:  # noqa: BLE001 - ConnectionError, RuntimeError, timeouts, ...
         raise SweepError(f"cannot connect to the Ray cluster at {address or 'a new local Ray'!r} "
                          f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})."
@@ -177,10 +179,12 @@ def _train_reference(spec: SweepSpec, run: R.RunDir, plan_res: dict) -> dict | N
         cfg = cfg.replace(device="cpu")
 
     @ray.remote
-    def train_ref(flat: dict, out: str) -> None:
+    def train_ref(flat: dict, out: str, plugins: list) -> None:
         from aerl_ray.config import TrainConfig
+        from aerl_ray.plugins import load_in_worker
         from aerl_ray.train import fit
 
+        load_in_worker(plugins)
         fit(TrainConfig.from_flat(flat), out, overwrite=True)
 
     opts = {"num_cpus": float(plan_res.get("cpus_per_worker", 1))}
@@ -188,7 +192,8 @@ def _train_reference(spec: SweepSpec, run: R.RunDir, plan_res: dict) -> dict | N
         opts["num_gpus"] = float(plan_res.get("gpus_per_worker", 1))
     logger.info("training the transfer reference (%s %s, %d epochs)", cfg.regime.regime,
                 cfg.model.model, cfg.epochs)
-    ray.get(train_ref.options(**opts).remote(cfg.to_flat(), str(path.parent)))
+    ray.get(train_ref.options(**opts).remote(cfg.to_flat(), str(path.parent),
+                                             [p.as_dict() for p in spec.plugins]))
     return load_checkpoint(path)
 
 
@@ -261,11 +266,11 @@ class _Setup:
 
 
 def _prepare(space, run_dir, *, storage, optuna_storage, resume, smoke, num_samples,
-             overrides) -> _Setup:
+             overrides, plugins=()) -> _Setup:
     """Resolve the spec and run identity, and check all flags (nothing is written)."""
     flags = {"space": str(Path(space).resolve()) if space else None, "smoke": smoke,
              "num_samples": num_samples, "overrides": overrides or None, "storage": storage,
-             "optuna_storage": optuna_storage}
+             "optuna_storage": optuna_storage, "plugins": list(plugins) or None}
     if resume is not None:
         run = R.RunDir(resume)
         if not run.is_run_dir():
@@ -288,7 +293,7 @@ def _prepare(space, run_dir, *, storage, optuna_storage, resume, smoke, num_samp
     extra = dict(overrides or {})
     if num_samples:
         extra["num_samples"] = num_samples
-    spec = load_space(space, smoke=smoke, overrides=extra or None)
+    spec = load_space(space, smoke=smoke, overrides=extra or None, plugins=plugins)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     run = R.RunDir(run_dir or Path("runs") / f"{spec.name}-{stamp}")
     if run.is_run_dir():
@@ -325,7 +330,8 @@ def run_sweep(space: str | Path | None = None, run_dir: str | Path | None = None
               optuna_storage: str | None = None, resume: str | Path | None = None,
               smoke: bool = False, num_samples: int | None = None,
               overrides: dict | None = None, num_cpus: int | None = None,
-              verbose: int = 1, command: str | None = None) -> SweepResult:
+              verbose: int = 1, command: str | None = None,
+              plugins: tuple[str, ...] = ()) -> SweepResult:
     """Run (or resume) a sweep: search, then confirmation; returns its tables.
 
     ``overrides`` is deep-merged into the space file (after ``smoke``), e.g.
@@ -335,7 +341,7 @@ def run_sweep(space: str | Path | None = None, run_dir: str | Path | None = None
     with _Interrupts(None, Path(resume) if resume else None) as sig:
         setup = _prepare(space, run_dir, storage=storage, optuna_storage=optuna_storage,
                          resume=resume, smoke=smoke, num_samples=num_samples,
-                         overrides=overrides)
+                         overrides=overrides, plugins=plugins)
         setup.command = command or (f"aerl_ray.sweep.run_sweep(space={space!r}, "
                                     f"resume={resume!r}, smoke={smoke!r})")
         spec, run = setup.spec, setup.run
@@ -346,7 +352,9 @@ def run_sweep(space: str | Path | None = None, run_dir: str | Path | None = None
             raise SweepError(str(e)) from None
         in_run_dir = setup.optuna_url == f"sqlite:///{run.optuna_db}"
         rdb = None if in_run_dir and not setup.resume else _open(setup.optuna_url)
-        _connect(address, num_cpus)
+        from aerl_ray.plugins import runtime_env
+
+        _connect(address, num_cpus, runtime_env(spec.plugins))
         from aerl_ray.cluster import (GpuRequestError, StorageError, check_storage,
                                       cluster_nodes_summary)
 
@@ -421,7 +429,8 @@ def _run_phases(setup: _Setup, ledger: Ledger, plan_res: dict, attempt: int, rer
     dispatcher = f"eval-{setup.run_id}"
     pool = start_pool(dispatcher, NAMESPACE, int(ev.get("actors", 1)), plans, reference,
                       spec.seed, float(ev.get("cpus_per_actor", 0.5)),
-                      float(ev.get("gpus_per_actor", 0)) if plan_res["use_gpu"] else 0.0)
+                      float(ev.get("gpus_per_actor", 0)) if plan_res["use_gpu"] else 0.0,
+                      plugins=[p.as_dict() for p in spec.plugins])
     storage_path, _ = tune_paths(setup)
     meta = {"run_id": setup.run_id, "fixed": dict(spec.fixed),
             "objectives": [o.__dict__ for o in spec.objectives], "resources": plan_res,
@@ -429,7 +438,8 @@ def _run_phases(setup: _Setup, ledger: Ledger, plan_res: dict, attempt: int, rer
             "scheduler_metric": spec.scheduler.get("metric"), "dispatcher": dispatcher,
             # epochs at which a multi-objective scheduler's rungs need val_robust_acc
             "robust_epochs": [int(m) - 1 for m in spec.scheduler.get("milestones", ())],
-            "namespace": NAMESPACE, "train_storage": storage_path.rstrip("/") + "/train"}
+            "namespace": NAMESPACE, "train_storage": storage_path.rstrip("/") + "/train",
+            "plugins": [p.as_dict() for p in spec.plugins]}
     fit_seconds = float("nan")
     try:
         new = max(0, spec.num_samples - ledger.asked())
@@ -581,6 +591,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-samples", type=int, default=None, help="override num_samples")
     p.add_argument("--smoke", action="store_true",
                    help="apply the space's smoke: overrides (tiny runs, for tests)")
+    p.add_argument("--plugin", action="append", default=[], metavar="MODULE_OR_PATH",
+                   help="import your own regimes/models/attacks/datasets first (a module "
+                        "name, a .py file or a package dir; repeatable; added to the space's "
+                        "plugins:)")
     p.add_argument("--no-report", action="store_true", help="skip the HTML report at the end")
     p.add_argument("--log-level", default="INFO")
     return p
@@ -667,7 +681,7 @@ def main(argv: list[str] | None = None) -> int:
         res = run_sweep(ns.space, ns.run_dir, address=ns.address, storage=ns.storage,
                         optuna_storage=ns.optuna_storage, resume=ns.resume, smoke=ns.smoke,
                         num_samples=ns.num_samples, num_cpus=ns.num_cpus,
-                        command=command_line(argv))
+                        command=command_line(argv), plugins=tuple(ns.plugin))
     except (SweepError, SpaceError, ConfigError) as e:
         fail(parser, e)
     except (SweepInterrupted, KeyboardInterrupt) as e:

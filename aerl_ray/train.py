@@ -431,6 +431,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true",
                    help="replace a run already in OUT (default: refuse)")
     p.add_argument("--log-level", default="INFO", help="logging level (default: INFO)")
+    p.add_argument("--plugin", action="append", default=[], metavar="MODULE_OR_PATH",
+                   help="import your own regimes/models/attacks/datasets first (a module "
+                        "name, a .py file or a package dir; repeatable)")
     add_config_arguments(p)
     return p
 
@@ -443,10 +446,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     ns = parser.parse_args(normalize_argv(argv))
     setup_logging(ns.log_level)
+    from aerl_ray.plugins import PluginError, load_plugins
+
     try:
+        load_plugins(ns.plugin)
         cfg = config_from_args(ns)
         res = fit(cfg, ns.out, resume=ns.resume, overwrite=ns.overwrite)
-    except (ConfigError, DatasetUnavailableError, DivergedError, ValueError, RuntimeError) as e:
+    except (ConfigError, DatasetUnavailableError, DivergedError, ValueError, RuntimeError,
+            PluginError) as e:
         fail(parser, e)
     except KeyboardInterrupt:
         parser.exit(130, f"interrupted; resume with python -m aerl_ray.train --resume "

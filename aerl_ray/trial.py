@@ -88,6 +88,9 @@ def worker_fn(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
+    from aerl_ray.plugins import load_in_worker
+
+    load_in_worker(config.get("plugins", []))
     cfg = TrainConfig.from_flat(config["train"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -161,7 +164,8 @@ def _train_with_torchtrainer(cfg: TrainConfig, names: list[str], meta: dict, tic
         worker_fn,
         train_loop_config={"train": cfg.to_flat(), "objective_names": names,
                            "scheduler_metric": meta.get("scheduler_metric"),
-                           "robust_epochs": list(meta.get("robust_epochs", ()))},
+                           "robust_epochs": list(meta.get("robust_epochs", ())),
+                           "plugins": meta.get("plugins", [])},
         scaling_config=ray.train.ScalingConfig(num_workers=int(res.get("workers", 1)),
                                                use_gpu=use_gpu, resources_per_worker=per_worker),
         run_config=ray.train.RunConfig(
@@ -195,7 +199,10 @@ def trial_fn(config: dict) -> None:
     """The Tune trainable: train (in-process or TorchTrainer), evaluate, report the row."""
     from ray import tune
 
+    from aerl_ray.plugins import load_in_worker
+
     meta = config["_aerl"]
+    load_in_worker(meta.get("plugins", []))  # before the config names their regimes/models
     ticket = Ticket.of(config)
     cfg = trial_config(meta, ticket)
     names = [o["name"] for o in meta["objectives"]]
@@ -227,6 +234,12 @@ def trial_fn(config: dict) -> None:
     tune.report(report)
 
 
+def _code_hash() -> str:
+    from aerl_ray.plugins import code_hash
+
+    return code_hash()
+
+
 def base_row(meta: dict, cfg: TrainConfig, ticket: Ticket) -> dict[str, Any]:
     """The columns a trial row (search or confirmation) has whatever happened."""
     flat = cfg.to_flat()
@@ -234,6 +247,7 @@ def base_row(meta: dict, cfg: TrainConfig, ticket: Ticket) -> dict[str, Any]:
            "train_seed": ticket.seed, "params": json.dumps(dict(ticket.params), sort_keys=True,
                                                            default=str),
            "config": json.dumps(flat, sort_keys=True), "config_hash": config_hash(flat),
+           "code_hash": _code_hash(),
            "finished_at": time.time(),
            **{f"p_{k}": v for k, v in ticket.params.items()}}
     if ticket.phase == SEARCH:
