@@ -265,5 +265,9 @@ def start_pool(name: str, namespace: str, n: int, plans: dict, reference: dict |
     if gpus:
         options["num_gpus"] = gpus
     ref = [ray.put(reference)] if reference is not None else None
+    _ALIVE[name] = ref  # the driver owns the reference: restarted actors need it in scope
     return EvalDispatcher.options(name=name, namespace=namespace, lifetime=None).remote(
         n, plans, ref, seed, options, plugins=plugins)
+
+
+_ALIVE: dict[str, Any] = {}

@@ -331,13 +331,19 @@ def run_sweep(space: str | Path | None = None, run_dir: str | Path | None = None
               smoke: bool = False, num_samples: int | None = None,
               overrides: dict | None = None, num_cpus: int | None = None,
               verbose: int = 1, command: str | None = None,
-              plugins: tuple[str, ...] = ()) -> SweepResult:
+              plugins: tuple[str, ...] = (), progress: str | None = None) -> SweepResult:
     """Run (or resume) a sweep: search, then confirmation; returns its tables.
 
     ``overrides`` is deep-merged into the space file (after ``smoke``), e.g.
     ``{"fixed": {"dataset": "npz:/data/mine.npz"}}``.  Raises :class:`SweepError` (bad
     input, before Ray starts where possible) or :class:`SweepInterrupted`."""
     os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # the driver handles Ctrl-C itself
+    # the live view (aerl_ray.progress) replaces Tune's output, whose new engine prints an
+    # experiment box and a TensorBoard hint into Ray's temp dir even at verbose=0
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    from aerl_ray.progress import resolve_mode
+
+    mode = resolve_mode(progress or ("auto" if verbose else "quiet"))
     with _Interrupts(None, Path(resume) if resume else None) as sig:
         setup = _prepare(space, run_dir, storage=storage, optuna_storage=optuna_storage,
                          resume=resume, smoke=smoke, num_samples=num_samples,
@@ -381,7 +387,7 @@ def run_sweep(space: str | Path | None = None, run_dir: str | Path | None = None
         else:
             ledger.create_study()
         return _run_phases(setup, ledger, plan_res, attempt, reruns, confirm_reruns, sig,
-                           verbose)
+                           mode)
 
 
 def _open(url: str):
@@ -415,7 +421,7 @@ def _read_confirm_plan(run: R.RunDir):
 
 
 def _run_phases(setup: _Setup, ledger: Ledger, plan_res: dict, attempt: int, reruns,
-                confirm_reruns, sig: _Interrupts, verbose: int) -> SweepResult:
+                confirm_reruns, sig: _Interrupts, mode: str) -> SweepResult:
     import ray
 
     from aerl_ray.evalpool import CONFIRM_PLAN, SEARCH_PLAN, confirm_plan_spec, start_pool
@@ -449,7 +455,7 @@ def _run_phases(setup: _Setup, ledger: Ledger, plan_res: dict, attempt: int, rer
                         len(reruns), plan_res["concurrency"], plan_res["mode"], run.root)
             t0 = time.perf_counter()
             _fit(ledger, f"search-{attempt}", reruns, True, len(reruns) + new, meta, plan_res,
-                 storage_path, sig, verbose)
+                 storage_path, sig, mode)
             fit_seconds = time.perf_counter() - t0
         if spec.confirm.get("enabled"):
             jobs = _confirm_jobs(setup, ledger)
@@ -460,7 +466,7 @@ def _run_phases(setup: _Setup, ledger: Ledger, plan_res: dict, attempt: int, rer
                             "(%d to run)", len({j.config_id for j in jobs}),
                             int(spec.confirm["seeds"]), len(pending))
                 _fit(ledger, f"confirm-{attempt}", pending, False, len(pending), meta, plan_res,
-                     storage_path, sig, verbose)
+                     storage_path, sig, mode)
     finally:
         ray.kill(pool)
     ledger.compact()
@@ -481,9 +487,10 @@ def _confirm_jobs(setup: _Setup, ledger: Ledger):
 
 
 def _fit(ledger: Ledger, name: str, tickets, new_trials: bool, count: int, meta: dict,
-         plan_res: dict, storage_path: str, sig: _Interrupts, verbose: int) -> None:
+         plan_res: dict, storage_path: str, sig: _Interrupts, mode: str) -> None:
     from ray import tune
 
+    from aerl_ray.progress import Board, progress_callback
     from aerl_ray.recorder import results_callback
     from aerl_ray.trial import trial_fn
 
@@ -504,9 +511,13 @@ def _fit(ledger: Ledger, name: str, tickets, new_trials: bool, count: int, meta:
                                   grace_period=int(s.get("grace_period", 1)),
                                   reduction_factor=float(s.get("reduction_factor", 2)),
                                   max_t=int(spec.fixed.get("epochs", 1000)) + 1)
+    board = Board(f"{name.split('-')[0]} {ledger.run_id}", count, plan_res["concurrency"],
+                  [o.name for o in spec.objectives])
     run_config = tune.RunConfig(
-        name=name, storage_path=storage_path, callbacks=[results_callback(ledger)],
-        verbose=verbose, stop=_stopper(ledger),
+        name=name, storage_path=storage_path,
+        # the results writer first: the live view shows what it committed
+        callbacks=[results_callback(ledger), progress_callback(board, mode, ledger)],
+        verbose=0, stop=_stopper(ledger),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=spec.keep_checkpoints),
         failure_config=tune.FailureConfig(max_failures=1))
     tuner = tune.Tuner(
@@ -596,6 +607,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "name, a .py file or a package dir; repeatable; added to the space's "
                         "plugins:)")
     p.add_argument("--no-report", action="store_true", help="skip the HTML report at the end")
+    p.add_argument("--progress", default="auto", choices=("auto", "table", "lines", "quiet"),
+                   help="live view: table (redrawn in place), lines (one log line per epoch "
+                        "and trial: CI, job logs), quiet; auto = table on a terminal, else "
+                        "lines")
+    p.add_argument("--quiet", action="store_true", help="same as --progress quiet")
     p.add_argument("--log-level", default="INFO")
     return p
 
@@ -681,7 +697,8 @@ def main(argv: list[str] | None = None) -> int:
         res = run_sweep(ns.space, ns.run_dir, address=ns.address, storage=ns.storage,
                         optuna_storage=ns.optuna_storage, resume=ns.resume, smoke=ns.smoke,
                         num_samples=ns.num_samples, num_cpus=ns.num_cpus,
-                        command=command_line(argv), plugins=tuple(ns.plugin))
+                        command=command_line(argv), plugins=tuple(ns.plugin),
+                        progress="quiet" if ns.quiet else ns.progress)
     except (SweepError, SpaceError, ConfigError) as e:
         fail(parser, e)
     except (SweepInterrupted, KeyboardInterrupt) as e:
