@@ -87,7 +87,7 @@ class Board:
     def eta_seconds(self, now: float | None = None) -> float | None:
         """(trials left) x (mean seconds of a finished trial) / concurrency."""
         done = [t.finished - t.started for t in self.trials.values()
-                if t.finished and t.started]
+                if t.finished is not None and t.started is not None]
         c = self.counts()
         left = self.total - c["done"] - c["pruned"] - c["failed"]
         if not done or left <= 0:
@@ -161,7 +161,7 @@ def resolve_mode(mode: str, stream=None) -> str:
     return "table" if getattr(stream, "isatty", lambda: False)() else "lines"
 
 
-def progress_callback(board: Board, mode: str, ledger=None):
+def progress_callback(board: Board, mode: str, ledger=None, console=None):
     """The Tune callback that fills ``board`` and shows it (see the module docstring)."""
     from ray import tune
 
@@ -176,8 +176,8 @@ def progress_callback(board: Board, mode: str, ledger=None):
                 from rich.console import Console
                 from rich.live import Live
 
-                self.live = Live(_rich_table(board), console=Console(), refresh_per_second=2,
-                                 transient=False)
+                self.live = Live(_rich_table(board), console=console or Console(),
+                                 refresh_per_second=2, transient=False)
                 self.live.start()
 
         def _view(self, trial) -> TrialView:
