@@ -101,9 +101,9 @@ def test_header_counts_and_eta():
         dict(key="t0002", phase="search", regime="rl", params={}, epochs=3, status="RUNNING",
              started=5.0)])
     b.started = 0.0
-    assert b.eta_seconds() == pytest.approx(1 * 7.0 / 2)
+    assert b.eta_seconds() == pytest.approx(2 * 7.0 / 2)  # 2 left, 7 s mean, 2 at a time
     assert render(b, now=65.0).splitlines()[0].startswith(
-        "search r: 1 done, 1 running, 1 pruned, 0 failed of 4 | elapsed 1:05 | ETA 0:03")
+        "search r: 1 done, 1 running, 1 pruned, 0 failed of 4 | elapsed 1:05 | ETA 0:07")
 
 
 def test_mode_follows_the_terminal():
