@@ -311,12 +311,16 @@ def _prepare(space, run_dir, *, storage, optuna_storage, resume, smoke, num_samp
 
 def tune_paths(setup: _Setup) -> tuple[str, str]:
     """(Tune storage path, TensorBoard logdir): under the run dir, or, with --storage,
-    STORAGE/<run_id>/ -- a run id in every path, so sweeps sharing a storage never meet."""
+    STORAGE/<run_id>/ -- a run id in every path, so sweeps sharing a storage never meet.
+    TensorBoard (written by the driver, aerl_ray.tbwriter) goes to STORAGE/<run_id>/
+    tensorboard on a shared path, else RUN/tensorboard."""
     if setup.storage:
         sp = setup.storage.rstrip("/") + "/" + setup.run_id
+        tb = sp + "/tensorboard" if "://" not in setup.storage else str(
+            setup.run.root / "tensorboard")
     else:
-        sp = str(setup.run.tune)
-    return sp, sp
+        sp, tb = str(setup.run.tune), str(setup.run.root / "tensorboard")
+    return sp, tb
 
 
 def _tables(spec: SweepSpec) -> tuple[R.Table, R.Table]:
@@ -341,6 +345,7 @@ def run_sweep(space: str | Path | None = None, run_dir: str | Path | None = None
     # the live view (aerl_ray.progress) replaces Tune's output, whose new engine prints an
     # experiment box and a TensorBoard hint into Ray's temp dir even at verbose=0
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"  # TensorBoard: aerl_ray.tbwriter
     from aerl_ray.progress import resolve_mode
 
     mode = resolve_mode(progress or ("auto" if verbose else "quiet"))
@@ -437,7 +442,7 @@ def _run_phases(setup: _Setup, ledger: Ledger, plan_res: dict, attempt: int, rer
                       spec.seed, float(ev.get("cpus_per_actor", 0.5)),
                       float(ev.get("gpus_per_actor", 0)) if plan_res["use_gpu"] else 0.0,
                       plugins=[p.as_dict() for p in spec.plugins])
-    storage_path, _ = tune_paths(setup)
+    storage_path, tb_dir = tune_paths(setup)
     meta = {"run_id": setup.run_id, "fixed": dict(spec.fixed),
             "objectives": [o.__dict__ for o in spec.objectives], "resources": plan_res,
             "mode": plan_res["mode"], "base_seed": spec.seed,
@@ -455,7 +460,7 @@ def _run_phases(setup: _Setup, ledger: Ledger, plan_res: dict, attempt: int, rer
                         len(reruns), plan_res["concurrency"], plan_res["mode"], run.root)
             t0 = time.perf_counter()
             _fit(ledger, f"search-{attempt}", reruns, True, len(reruns) + new, meta, plan_res,
-                 storage_path, sig, mode)
+                 storage_path, tb_dir, sig, mode)
             fit_seconds = time.perf_counter() - t0
         if spec.confirm.get("enabled"):
             jobs = _confirm_jobs(setup, ledger)
@@ -466,7 +471,7 @@ def _run_phases(setup: _Setup, ledger: Ledger, plan_res: dict, attempt: int, rer
                             "(%d to run)", len({j.config_id for j in jobs}),
                             int(spec.confirm["seeds"]), len(pending))
                 _fit(ledger, f"confirm-{attempt}", pending, False, len(pending), meta, plan_res,
-                     storage_path, sig, mode)
+                     storage_path, tb_dir, sig, mode)
     finally:
         ray.kill(pool)
     ledger.compact()
@@ -487,8 +492,12 @@ def _confirm_jobs(setup: _Setup, ledger: Ledger):
 
 
 def _fit(ledger: Ledger, name: str, tickets, new_trials: bool, count: int, meta: dict,
-         plan_res: dict, storage_path: str, sig: _Interrupts, mode: str) -> None:
+         plan_res: dict, storage_path: str, tb_dir: str, sig: _Interrupts, mode: str
+         ) -> None:
     from ray import tune
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+
+    from aerl_ray.tbwriter import tensorboard_callback
 
     from aerl_ray.progress import Board, progress_callback
     from aerl_ray.recorder import results_callback
@@ -516,7 +525,9 @@ def _fit(ledger: Ledger, name: str, tickets, new_trials: bool, count: int, meta:
     run_config = tune.RunConfig(
         name=name, storage_path=storage_path,
         # the results writer first: the live view shows what it committed
-        callbacks=[results_callback(ledger), progress_callback(board, mode, ledger)],
+        callbacks=[results_callback(ledger), progress_callback(board, mode, ledger),
+                   tensorboard_callback(tb_dir, [o.name for o in spec.objectives]),
+                   JsonLoggerCallback(), CSVLoggerCallback()],  # Tune's TBX logger: off
         verbose=0, stop=_stopper(ledger),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=spec.keep_checkpoints),
         failure_config=tune.FailureConfig(max_failures=1))

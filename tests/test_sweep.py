@@ -78,14 +78,21 @@ def test_quickstart_smoke_end_to_end(study_of, ray_session, tmp_path):
     assert not res.confirmed.empty and {"robust_mean", "robust_low", "seeds"} <= set(res.confirmed)
     assert {"table.md", "table.csv", "table.tex"} <= set(rep.paths)
     assert any(k.startswith("robustbench/") for k in rep.paths)
-    # TensorBoard event files per trial are readable and hold the training curves
+    # TensorBoard: one run per trial with its training curves, robustness curves under the
+    # results tables' attack names, and HParams listing every parameter it used
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
 
-    events = list((run.tune / "search-0").rglob("events.out.tfevents.*"))
-    assert len(events) >= 2
-    ea = EventAccumulator(str(events[0].parent))
+    ea = EventAccumulator(str(run.root / "tensorboard" / "search" / "t0001"))
     ea.Reload()
-    assert "ray/tune/val_acc" in ea.Tags()["scalars"]
+    tags = set(ea.Tags()["scalars"])
+    assert {"val/acc", "train/train_loss", "eval/val/transfer:sl_reference/Linf",
+            "eval/val/worst_case/Linf", "obj/clean_acc", "obj/robust_aa"} <= tags
+    assert not any(t.startswith(("ray/", "aerl")) or "_trial" in t for t in tags)
+    assert [e.step for e in ea.Scalars("eval/val/pgd/Linf")] == [0, 50, 100, 200]
+    hp = plugin_data_pb2.HParamsPluginData.FromString(
+        ea.PluginTagToContent("hparams")["_hparams_/session_start_info"])
+    assert set(hp.session_start_info.hparams) == {"regime", "lr", "explore_eps", "phase"}
     # every epoch once, with the checkpoint it can resume from
     epochs = pd.read_parquet(run.epochs)
     assert not epochs.duplicated(R.EPOCH_KEY).any()
