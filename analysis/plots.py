@@ -231,7 +231,8 @@ def _parallel(ax, c: pd.DataFrame, cols: Sequence[str], colors: Mapping[str, tup
             log = lo > 0 and hi / lo > 100
             a = np.log10(num) if log else num
             alo, ahi = (np.log10(lo), np.log10(hi)) if log else (lo, hi)
-            norm[:, j] = (a - alo) / (ahi - alo) if ahi > alo else 0.5
+            scaled = (a - alo) / (ahi - alo) if ahi > alo else a * 0 + 0.5
+            norm[:, j] = np.where(num.notna(), scaled, np.nan)  # unused: a gap, not the middle
             labels.append(f"{col}\n[{lo:.3g}, {hi:.3g}]{' log' if log else ''}")
         else:
             cats = sorted(v.dropna().astype(str).unique())

@@ -221,3 +221,23 @@ def test_cli_subprocess(run_dir, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "analysis.pareto", str(tmp_path)],
                          capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert bad.returncode == 2 and "not a run dir" in bad.stderr
+
+
+def test_parallel_coordinates_leave_unused_parameters_out():
+    """A parameter a trial did not use (switch_epoch of an SL trial) is a gap in its line,
+    never drawn at the axis' middle -- also when only one trial used it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from analysis.plots import _parallel
+
+    c = pd.DataFrame({"p_lr": [1e-3, 2e-3], "p_switch_epoch": [None, 4.0],
+                      "clean_acc": [0.9, 0.8], "robust_acc": [0.1, 0.3],
+                      "regime": ["sl", "hybrid"], "on_front": [True, True]})
+    fig, ax = plt.subplots()
+    _parallel(ax, c, ["p_lr", "p_switch_epoch", "clean_acc", "robust_acc"], {})
+    sl, hybrid = (line.get_ydata() for line in ax.lines[:2])
+    assert math.isnan(sl[1]) and hybrid[1] == 0.5
+    plt.close(fig)
