@@ -209,8 +209,7 @@ def run_evaluation(target: "str | os.PathLike | dict | nn.Module", plan: EvalPla
             **tgt.row_base(), "seed": plan.seed}
     eval_rows: list[dict] = []
     ind_rows: list[dict] = []
-    total = _count_jobs(plan)
-    done = 0
+    eta = _Eta(plan, n)
     for norm, grid in plan.grids:
         broken: dict[str, dict[float, torch.Tensor]] = {}  # attack -> eps -> success (N,)
         for name in plan.attacks:
@@ -220,10 +219,14 @@ def run_evaluation(target: "str | os.PathLike | dict | nn.Module", plan: EvalPla
                 params["source"], params["cache"] = src, cache
                 attack_label = f"transfer:{src_label}"
             sub = plan.eps_grid(norm, name)
-            done += 1
-            logger.info("[%d/%d] %s: %s %s eps %s on %d %s images", done, total, tgt.label,
-                        attack_label, norm, ",".join(sub), n, plan.split)
+            logger.info("[%d/%d] %s %s eps %s on %d %s images of %s%s", eta.done + 1,
+                        eta.jobs, attack_label, norm, ",".join(sub), n, plan.split, tgt.label,
+                        eta.text())
             results = robustness_curve(name, model, x, y, norm, sub, example_ids=ids, **params)
+            eta.finished(name, len(sub))
+            logger.info("      %s %s: %s (%.1f s)", attack_label, norm, ", ".join(
+                f"eps {e} {1 - float(r.success.float().mean()):.3f}" for e, r in
+                zip(sub, results)), sum(r.seconds for r in results))
             shown = {k: v for k, v in params.items() if k not in ("cache",)}
             if name == "transfer":
                 shown["source"] = src_label
@@ -246,8 +249,36 @@ def run_evaluation(target: "str | os.PathLike | dict | nn.Module", plan: EvalPla
     return Evaluation(eval_rows, ind_rows, report)
 
 
-def _count_jobs(plan: EvalPlan) -> int:
-    return len(plan.grids) * len(plan.attacks)
+class _Eta:
+    """Progress of an evaluation: jobs (attack x norm) done and an ETA from the time spent
+    so far, weighted by a rough cost per job (PGD steps x restarts x budgets, AutoAttack
+    standard ~ 30x an APGD run, Square's queries, ...)."""
+
+    def __init__(self, plan: EvalPlan, n: int):
+        self.plan, self.t0, self.done = plan, time.perf_counter(), 0
+        self.jobs = len(plan.grids) * len(plan.attacks)
+        self.total = sum(self.cost(a, len(plan.eps_grid(norm, a)))
+                         for norm, _ in plan.grids for a in plan.attacks)
+        self.spent = 0.0
+
+    def cost(self, attack: str, budgets: int) -> float:
+        p = self.plan.params_for(attack)
+        per = {"pgd": p.get("steps", 50) * p.get("restarts", 1), "fgsm": 1,
+               "square": p.get("n_queries", 5000) / 10, "transfer": p.get("steps", 50),
+               "autoattack": (3000 if self.plan.autoattack_version != "custom"
+                              else 100 * (1 + 3 * len(self.plan.autoattack_attacks)))}
+        return float(per.get(attack, 50)) * max(1, budgets)
+
+    def finished(self, attack: str, budgets: int) -> None:
+        self.done += 1
+        self.spent += self.cost(attack, budgets)
+
+    def text(self) -> str:
+        if not self.spent:
+            return ""
+        elapsed = time.perf_counter() - self.t0
+        left = elapsed * (self.total - self.spent) / self.spent
+        return f" (elapsed {elapsed:.0f} s, ETA {left:.0f} s)"
 
 
 def _row(base: dict, attack: str, norm: str, eps_str: str, success: torch.Tensor,
