@@ -116,6 +116,8 @@ class Ledger:
         self._committed: dict[tuple[str, str], str] = {}  # (phase, key) -> status
         self._rungs: dict[str, dict] = {}  # key -> the scheduler's last decision
         self._study = None
+        for t in (R.EVALS, R.INDICATORS, R.EPOCHS, trials_table, confirm_table):
+            R.repair_table(run.table(t))  # a crash mid-write: drop half-written parts first
         self._load_committed()
 
     def __getstate__(self) -> dict:
@@ -284,8 +286,6 @@ class Ledger:
         import optuna
 
         rep = ReconcileReport()
-        for t in (R.EVALS, R.INDICATORS, R.EPOCHS, self.trials_table, self.confirm_table):
-            R.repair_table(self.run.table(t))
         self._committed.clear()
         self._load_committed()
         trials = R.read_table(self.run.trials, key=R.TRIAL_KEY)

@@ -23,6 +23,7 @@ the driver prints how to resume and exits 130; a second Ctrl-C stops at once.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -234,6 +235,26 @@ class _Interrupts:
             signal.signal(sig, old)
 
 
+@contextlib.contextmanager
+def _tune_env():
+    """Tune settings of the sweep's Tuner only (restored after, for library callers):
+    the driver handles Ctrl-C itself; the live view (aerl_ray.progress) replaces Tune's
+    output, whose new engine prints an experiment box and a TensorBoard hint into Ray's
+    temp dir even at verbose=0; TensorBoard is written by aerl_ray.tbwriter."""
+    want = {"TUNE_DISABLE_SIGINT_HANDLER": "1", "RAY_AIR_NEW_OUTPUT": "0",
+            "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1"}
+    old = {k: os.environ.get(k) for k in want}
+    os.environ.update(want)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def _stopper(ledger: Ledger):
     from ray.tune import Stopper
 
@@ -341,11 +362,6 @@ def run_sweep(space: str | Path | None = None, run_dir: str | Path | None = None
     ``overrides`` is deep-merged into the space file (after ``smoke``), e.g.
     ``{"fixed": {"dataset": "npz:/data/mine.npz"}}``.  Raises :class:`SweepError` (bad
     input, before Ray starts where possible) or :class:`SweepInterrupted`."""
-    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # the driver handles Ctrl-C itself
-    # the live view (aerl_ray.progress) replaces Tune's output, whose new engine prints an
-    # experiment box and a TensorBoard hint into Ray's temp dir even at verbose=0
-    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
-    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"  # TensorBoard: aerl_ray.tbwriter
     from aerl_ray.progress import resolve_mode
 
     mode = resolve_mode(progress or ("auto" if verbose else "quiet"))
@@ -541,7 +557,8 @@ def _fit(ledger: Ledger, name: str, tickets, new_trials: bool, count: int, meta:
             reuse_actors=True, max_concurrent_trials=concurrency))
     sig.graceful = True
     try:
-        tuner.fit()
+        with _tune_env():
+            tuner.fit()
     except BaseException as e:
         if sig.hard and not isinstance(e, SweepInterrupted):  # raised inside ray.wait, which
             raise SweepInterrupted(ledger.run.root, "second signal") from None  # wraps it

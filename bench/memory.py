@@ -29,7 +29,7 @@ QUICK = ROOT / "search_spaces" / "quickstart.yaml"
 
 
 # the smoke plan, lighter: every attack family, fewer budgets and steps
-PLAN = {"grids": {"linf": [0, 0.1]}, "autoattack_n": 8, "indicator_steps": 2,
+PLAN = {"grids": {"linf": [0, 0.1]}, "n": 8, "batch_size": 8, "indicator_steps": 2,
         "attack_params": {"pgd": {"steps": 3}, "autoattack": {"n_target_classes": 2, "n_iter": 10}}}
 
 
@@ -70,7 +70,7 @@ def measure(evals: int = 50, warmup: int = 5) -> dict:
     with tempfile.TemporaryDirectory(prefix="aerl-mem-") as d:
         reference, target = make_checkpoints(Path(d))
     start = rss_mb()
-    ev = SweepEvaluator(plan_spec, reference, seed=0)
+    ev = SweepEvaluator({"search": plan_spec}, reference, seed=0)
     after: dict[int, float] = {}
     t0 = time.perf_counter()
     rows = 0
@@ -88,7 +88,7 @@ def measure(evals: int = 50, warmup: int = 5) -> dict:
             "rss_after_all_mb": round(after[evals], 1), "growth_mb": round(growth, 1),
             "growth_per_eval_kb": round(1024 * growth / max(1, evals - warmup), 1),
             "rows": rows, "seconds": round(seconds, 1),
-            "plan": {k: plan_spec[k] for k in ("attacks", "n", "autoattack_n")}}
+            "plan": {k: plan_spec[k] for k in ("attacks", "n")}}
 
 
 def main(argv: list[str] | None = None) -> int:

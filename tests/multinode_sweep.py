@@ -37,7 +37,8 @@ try:
                         "num_samples": 1, "points_to_evaluate": [{"regime": "sl", "lr": 1.0e-3}],
                         "resources": {"workers": 2, "cpus_per_worker": 1.5, "mode": "ray_train",
                                       "driver_resource": "train_driver"},
-                        "evaluation": {"actors": 2, "cpus_per_actor": 0.25}})
+                        "evaluation": {"actors": 2, "cpus_per_actor": 0.25},
+                        "confirm": {"enabled": False}})
     from ray.util.state import list_actors
 
     def nodes(cls):

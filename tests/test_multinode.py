@@ -27,4 +27,5 @@ def test_two_node_sweep_with_ddp_and_spread_evaluators(tmp_path):
     assert set(R.EVAL_COLUMNS) <= set(s["eval_columns"])
     assert set(R.TRIAL_COLUMNS) <= set(s["trial_columns"])
     assert set(R.INDICATOR_COLUMNS) <= set(s["indicator_columns"])
-    assert s["n_eval_rows"] == 4 * 4  # 4 attacks x 4 budgets of the quickstart plan
+    # 3 attacks x 4 budgets + AutoAttack at the objective's budget + 4 worst-case rows
+    assert s["n_eval_rows"] == 3 * 4 + 1 + 4

@@ -17,6 +17,28 @@ ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
 
 
+@pytest.fixture(scope="module", autouse=True)
+def restore_registries():
+    """Plugins register into process-wide registries: undo it for the other tests."""
+    import aerl_ray.plugins as plugins
+    from aerl_ray.attacks import ATTACKS
+    from aerl_ray.data import DATASETS
+    from aerl_ray.models import MODELS
+    from aerl_ray.regimes import REGIMES
+
+    regs = (ATTACKS, DATASETS, MODELS, REGIMES)
+    saved = [dict(r._items) for r in regs]
+    mods, path = set(sys.modules), list(sys.path)
+    yield
+    for r, items in zip(regs, saved):
+        r._items.clear()
+        r._items.update(items)
+    for m in set(sys.modules) - mods:
+        del sys.modules[m]
+    sys.path[:] = path
+    plugins.LOADED.clear()
+
+
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
     """The example plugin package and space, copied to a directory outside the package."""

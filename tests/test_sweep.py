@@ -346,7 +346,8 @@ def test_every_space_runs_in_smoke_mode(ray_session, tmp_path, space, cifar_shap
     res = run_sweep(space, tmp_path / "run", smoke=True, verbose=0,
                     overrides={"fixed": {"dataset": f"npz:{cifar_shaped_npz}"}})
     assert len(res.trials) >= 1
-    assert (res.trials["status"] == "COMPLETE").all(), res.trials[["status", "error"]]
+    assert (res.trials["status"] == "COMPLETE").any(), res.trials[["status", "error"]]
+    assert res.trials["status"].isin(["COMPLETE", "PRUNED"]).all(), res.trials[["status", "error"]]
     evals = R.read_table(R.RunDir(res.run_dir).evals, key=R.EVAL_KEY)
     assert set(R.EVAL_COLUMNS) <= set(evals.columns) and len(evals) > 0
     assert set(evals["split"]) == {"val", "test"}  # search + confirmation
