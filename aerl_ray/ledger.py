@@ -214,6 +214,9 @@ class Ledger:
         return records
 
     def last_rung(self, key: str) -> dict | None:
+        """The scheduler's last decision on ``key``, read back from ``rungs.jsonl`` (the
+        scheduler may hold a copy of this ledger, e.g. after Tune pickles it)."""
+        self.rung_records()
         return self._rungs.get(key)
 
     def record_epoch(self, row: Mapping[str, Any]) -> None:
