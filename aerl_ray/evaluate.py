@@ -139,7 +139,7 @@ def run_evaluation(target: "str | os.PathLike | dict | nn.Module", plan: EvalPla
         source_label: names the transfer source in the attack column (default: derived
             from ``plan.transfer_source``).
         diagnostics: level of the masking diagnostics (default ``plan.diagnostics``); they
-            reuse the rows at the headline budgets (see :mod:`aerl_ray.diagnostics`).
+            reuse the rows at every budget (see :mod:`aerl_ray.diagnostics`).
 
     Raises:
         EvalPlanError, CheckpointError, AttackInputError: before any attack runs.
@@ -419,6 +419,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(format_table(rows))
     if diag is not None:
         print(diag.format_table())
+        if diag.attack_rows:  # the diagnostics' own attacks (subset), e.g. a converged PGD
+            print("diagnostic attacks (first n examples):")
+            print(format_table(diag.eval_rows()))
     if args.out:
         out = Path(args.out)
         append_rows(out / "evals.parquet", rows)
@@ -431,7 +434,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             append_rows(out / "diagnostics.parquet", diag.rows(**base))
             (out / "diagnostics.json").write_text(json.dumps(
                 {**base, "masking_suspected": diag.masking_suspected,
-                 "diagnostics": diag.to_dict()}, indent=1, default=str))
+                 "attack_not_converged": diag.attack_not_converged,
+                 "diagnostics": diag.to_dict(),
+                 "attack_rows": diag.eval_rows(**base)}, indent=1, default=str))
             print(f"wrote {len(diag.checks)} diagnostics to {out / 'diagnostics.parquet'} "
                   f"and {out / 'diagnostics.json'}")
     return 0
