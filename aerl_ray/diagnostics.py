@@ -9,10 +9,12 @@ these flags) or ``attack`` (a finding about the evaluation's attack, not about t
 model's gradients: ``attack_not_converged``).
 
 The comparative checks (marked *) run over every budget of the grid where the plan's
-PGD curve on the diagnostic subset is informative -- PGD leaves more than ``delta`` of
-the examples robust, so another attack could show it is overstated -- (``cheap``: at
-most 2 of them: the largest and the one nearest the headline), flag on the worst budget
-and report it as the check's ``eps`` (a model with logits x10 hides 48 points at
+PGD curve on the diagnostic subset is informative -- PGD broke some examples and left
+more than ``delta`` robust, so another attack could show it is overstated; if no budget
+is, the largest where PGD left examples robust (CE-PGD on masked gradients breaks
+nothing anywhere) -- (``cheap``: at most 2 of them: the largest and the one nearest the
+headline; the costly convergence check at those 2 at either level), flag on the worst
+budget and report it as the check's ``eps`` (a model with logits x10 hides 48 points at
 eps = 0.2 but only 8 at the headline 0.1).
 
 =========================== ============================================================
@@ -119,6 +121,7 @@ class Level:
     probe_steps: int  # gradient probe path length
     max_budgets: int  # budgets of the separate-run monotonicity check (0 = the grid's)
     compare_budgets: int  # budgets of the comparative checks (0 = every informative one)
+    converge_budgets: int = 2  # budgets of the (costly) convergence check
     eps0_n: int = 16  # examples of the eps = 0 runs
     temperatures: tuple[float, ...] = (10.0, 100.0, 1000.0)
 
@@ -466,7 +469,8 @@ def _plan_norm(prog: _Progress, norm: str, m: int, grid: Sequence[str], headline
     has = {k.split(":")[0] for r in rows.values() for k in r}
     if "fgsm" not in has:
         prog.plan(f"{norm} compare: fgsm", m * nc * 3)
-    prog.plan(f"{norm} compare: pgd {strong} steps", m * nc * 2 * (strong + 1))
+    nconv = min(nc, cfg.converge_budgets) if cfg.converge_budgets else nc
+    prog.plan(f"{norm} compare: pgd {strong} steps", m * nconv * 2 * (strong + 1))
     prog.plan(f"{norm} compare: losses", 2 * m * nc * 2 * (steps + 1))
     prog.plan(f"{norm} compare: temperatures", len(cfg.temperatures) * m * nc * 2 * (steps + 1))
     if "square" not in has:
@@ -527,7 +531,7 @@ def _compare(values: Mapping[float, tuple[float, int]], refs: Mapping[float, tup
         cands.append((r - v - d, e, v, r, d, nv))
     if not cands:
         return _entry(None, None, MIN_DELTA, False,
-                      f"{describe}: not run (PGD leaves nothing to find at any budget)",
+                      f"{describe}: not run (PGD breaks every example at every budget)",
                       n=0, eps=math.nan, eps_str="")
     margin, e, v, r, d, nv = max(cands)
     per = "; ".join(f"eps {eps_str.get(c[1], f'{c[1]:g}')}: {c[2]:.3f} vs {c[3]:.3f}"
@@ -536,6 +540,17 @@ def _compare(values: Mapping[float, tuple[float, int]], refs: Mapping[float, tup
              "no budget flags")
     return _entry(v, r, d, any(c[0] > 0 for c in cands), f"{describe}: {per} ({where})",
                   eps=e, eps_str=eps_str.get(e, repr(e)), n=nv)
+
+
+def _informative(pgd: Mapping[float, float], clean: float, m: int) -> list[float]:
+    """Budgets where the PGD curve says something another attack could contradict: PGD
+    broke some examples (beyond delta of the clean accuracy: smaller budgets are too
+    small to matter) and left some robust (beyond delta of 0).  If none qualifies --
+    e.g. masked gradients: CE-PGD breaks nothing anywhere -- the largest budget where
+    PGD left something robust."""
+    alive = [e for e in sorted(pgd) if pgd[e] > delta((pgd[e], m))]
+    mid = [e for e in alive if pgd[e] < clean - delta((pgd[e], m), (clean, m))]
+    return mid or alive[-1:]
 
 
 def _margin(c: Mapping) -> float:
@@ -555,17 +570,20 @@ def _norm_checks(run: _Runner, model, xs, ys, ids, norm: Norm, eps: float,
     es = run.eps_str
 
     # the plan's PGD over every budget of the grid, on the subset (not recorded: the
-    # evaluation has it); the comparative checks run where it leaves something to find
+    # evaluation has it); the comparative checks run where it is informative
     all_budgets = sorted({parse_eps(e) for e in grid if parse_eps(e) > 0})
     pgd = run.accs("pgd") if run.curve("pgd", "pgd", all_budgets, record=False) else {}
     prog.step(f"{nv} pgd curve")
-    informative = _pick_budgets([e for e in all_budgets if pgd[e] > delta((pgd[e], m))],
-                                eps, cfg.compare_budgets)
+    informative = _pick_budgets(_informative(pgd, run.clean_acc, m), eps,
+                                cfg.compare_budgets)
+    converge = _pick_budgets(informative, eps, cfg.converge_budgets)
     planned = len(_comparison_budgets(grid, eps, cfg))
-    prog.replan(f"{nv} compare", len(informative) / max(planned, 1))
+    # early stops: an example costs full steps only where PGD left it robust
+    prog.replan(f"{nv} compare", sum(min(1.0, pgd[e] + 0.1) for e in informative)
+                / max(planned, 1))
     skipped = sorted(set(all_budgets) - set(informative))
-    note = (f" (not run at eps {', '.join(es.get(e, f'{e:g}') for e in skipped)}: PGD leaves "
-            "nothing to find there)" if skipped else "")
+    note = (f" (not run at eps {', '.join(es.get(e, f'{e:g}') for e in skipped)}: PGD broke "
+            "nothing or left nothing there)" if skipped else "")
     ref = {e: (pgd[e], m) for e in informative}
 
     # 1. one step beats iterative: eval rows at every budget if the plan ran FGSM
@@ -587,14 +605,14 @@ def _norm_checks(run: _Runner, model, xs, ys, ids, norm: Norm, eps: float,
     restarts = int(run.base.get("restarts", 1))
     more = {"steps": steps * cfg.steps_factor, "restarts": max(cfg.restarts, restarts)}
     key = f"pgd-{more['steps']}x{more['restarts']}"
-    run.curve(key, "pgd", informative, **more)
+    run.curve(key, "pgd", converge, **more)
     prog.step(f"{nv} compare: pgd {more['steps']} steps")
     c = _compare({e: (a, m) for e, a in run.accs(key).items()}, ref, es,
                  f"PGD {more['steps']} steps x {more['restarts']} restarts vs {steps} x "
                  f"{restarts}" + note)
     if c:
         if c["flag"]:
-            bad = [e for e in informative
+            bad = [e for e in converge
                    if run.accs(key)[e] < pgd[e] - delta((run.accs(key)[e], m), (pgd[e], m))]
             c["detail"] = (f"attack not converged at budget eps "
                            f"{', '.join(es.get(e, f'{e:g}') for e in bad)} (use >= "

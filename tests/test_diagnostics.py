@@ -14,6 +14,8 @@ import json
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from aerl_ray.checkpoint import make_checkpoint
@@ -269,8 +271,33 @@ def test_plain_sl_and_rl_models_are_not_flagged_at_any_budget(which, digits, rep
         request.getfixturevalue("rl_model"), digits.x_test[:N], digits.y_test[:N], plan(),
         level="cheap")
     assert not rep.masking_suspected, rep.format_table()
-    budgets = {r["eps"] for r in rep.attack_rows if r["attack"] == "diag:pgd-margin"}
-    assert len(budgets) == 2 and 0.1 in budgets  # beyond the headline budget
+    assert {r["attack"] for r in rep.attack_rows} >= {"diag:pgd-margin", "diag:pgd-T10"}
+
+
+def test_informative_budgets_and_their_choice():
+    from aerl_ray.diagnostics import _informative, _pick_budgets
+
+    pgd = {0.01: 0.95, 0.05: 0.94, 0.1: 0.6, 0.2: 0.3, 0.3: 0.0}
+    assert _informative(pgd, 0.95, 256) == [0.1, 0.2]  # broke some, left some
+    masked = {0.05: 0.95, 0.1: 0.95, 0.2: 0.95}  # CE-PGD breaks nothing anywhere
+    assert _informative(masked, 0.95, 256) == [0.2]
+    assert _informative({0.1: 0.0}, 0.9, 256) == []
+
+
+@settings(deadline=None, max_examples=80)
+@given(budgets=st.lists(st.floats(1e-3, 10.0), min_size=1, max_size=8, unique=True),
+       headline=st.floats(1e-3, 10.0), cap=st.integers(0, 5))
+def test_pick_budgets_keeps_the_largest_and_the_headline(budgets, headline, cap):
+    from aerl_ray.diagnostics import _pick_budgets
+
+    budgets = sorted(budgets)
+    got = _pick_budgets(budgets, headline, cap)
+    assert got == sorted(got) and set(got) <= set(budgets)
+    assert len(got) == (len(budgets) if not cap else min(cap, len(budgets)))
+    if cap >= 1:
+        assert budgets[-1] in got
+    if cap >= 2:
+        assert min(budgets, key=lambda e: abs(e - headline)) in got
 
 
 class Noisy(nn.Module):
