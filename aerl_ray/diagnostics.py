@@ -13,7 +13,8 @@ PGD curve on the diagnostic subset is informative -- PGD broke some examples and
 more than ``delta`` robust, so another attack could show it is overstated; if no budget
 is, the largest where PGD left examples robust (CE-PGD on masked gradients breaks
 nothing anywhere) -- (``cheap``: at most 2 of them: the largest and the one nearest the
-headline; the costly convergence check at those 2 at either level), flag on the worst
+headline; the costly attacks -- the convergence check's many-step PGD and Square -- at
+those 2 at either level), flag on the worst
 budget and report it as the check's ``eps`` (a model with logits x10 hides 48 points at
 eps = 0.2 but only 8 at the headline 0.1).
 
@@ -121,7 +122,8 @@ class Level:
     probe_steps: int  # gradient probe path length
     max_budgets: int  # budgets of the separate-run monotonicity check (0 = the grid's)
     compare_budgets: int  # budgets of the comparative checks (0 = every informative one)
-    converge_budgets: int = 2  # budgets of the (costly) convergence check
+    costly_budgets: int = 2  # budgets of the costly attacks: the convergence check's
+    #                          many-step PGD and (if the plan has none) Square
     eps0_n: int = 16  # examples of the eps = 0 runs
     temperatures: tuple[float, ...] = (10.0, 100.0, 1000.0)
 
@@ -177,7 +179,8 @@ class DiagnosticsReport:
         level: ``off``, ``cheap`` or ``full``.
         checks: ``<check>/<norm>`` -> entry (see the module docstring).
         seconds: wall time.
-        estimate_seconds: the up-front estimate (an upper bound) logged before starting.
+        estimate_seconds: the up-front estimate logged before starting (the planned
+            example-passes, an upper bound, times the measured cost of one).
         attack_rows: evaluation rows (``EVAL_COLUMNS`` minus the run/checkpoint fields,
             see :meth:`eval_rows`) of the diagnostics' own attacks, per budget they ran
             at, on the first ``n`` examples; attack ``diag:<name>``, e.g.
@@ -305,9 +308,9 @@ class _Progress:
     def announce(self, detail: str) -> float:
         est = self.total * self.rate
         logger.info("diagnostics (%s) on %d examples, %s: %d stages, at most %.3g "
-                    "example-passes; estimated at most %s (%.3g ms per example-pass "
-                    "measured)", self.level, self.m, detail, len(self.stages), self.total,
-                    _duration(est), 1000 * self.rate)
+                    "example-passes (early stops make it less): estimated %s at the "
+                    "measured %.3g ms per example-pass", self.level, self.m, detail,
+                    len(self.stages), self.total, _duration(est), 1000 * self.rate)
         return est
 
     def step(self, label: str) -> None:
@@ -318,8 +321,11 @@ class _Progress:
         self.done_passes += sum(p for _, p in self.stages[self.done:i + 1])
         self.done = i + 1
         elapsed = time.perf_counter() - self.t0
-        left = sum(p for _, p in self.stages[self.done:]) * self.rate
-        logger.info("diagnostics (%s) %d/%d %s done; %s elapsed, at most %s left",
+        # the stages so far calibrate the rest: seconds per *planned* pass (early stops
+        # and the machine's load included)
+        rate = elapsed / self.done_passes if self.done_passes else self.rate
+        left = sum(p for _, p in self.stages[self.done:]) * rate
+        logger.info("diagnostics (%s) %d/%d %s done; %s elapsed, about %s left",
                     self.level, self.done, len(self.stages), label, _duration(elapsed),
                     _duration(left))
 
@@ -328,23 +334,20 @@ def _duration(sec: float) -> str:
     return f"{sec:.0f} s" if sec < 120 else f"{sec / 60:.1f} min"
 
 
-def _seconds_per_pass(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss: str,
-                      batch_size: int) -> float:
-    """Measured wall time of one example-pass (forward or input-gradient backward)."""
-    k = min(len(x), batch_size, 64)
-    xb, yb = x[:k], y[:k]
-    loss_fn = LOSSES.get(loss)
+def _seconds_per_pass(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: Threat,
+                      pgd_params: dict) -> float:
+    """Measured wall time of one example-pass of the diagnostics' PGD loop (a short run
+    without early stop, its bookkeeping included), after a warm-up."""
+    k = min(len(x), int(pgd_params.get("batch_size", 500)), 64)
+    params = {**pgd_params, "steps": 4, "restarts": 1, "early_stop": False}
 
     def one() -> None:
-        xin = xb.detach().requires_grad_(True)
-        with torch.enable_grad():
-            torch.autograd.grad(loss_fn(model(xin), yb).sum(), xin)
+        robustness_curve("pgd", model, x[:k], y[:k], threat.norm, [threat.eps], **params)
 
     one()  # warm-up
     t = time.perf_counter()
-    for _ in range(3):
-        one()
-    return (time.perf_counter() - t) / (3 * 2 * k)
+    one()
+    return (time.perf_counter() - t) / (k * 2 * 5)
 
 
 # --- the attacks of one norm ----------------------------------------------------------------
@@ -434,7 +437,7 @@ def run_diagnostics(model: nn.Module, x: torch.Tensor, y: torch.Tensor, plan, *,
     finally:
         model.train(was_training)
     rep.seconds = time.perf_counter() - t0
-    logger.info("diagnostics (%s) in %.1f s (estimated at most %.1f s); masking flags: %s; "
+    logger.info("diagnostics (%s) in %.1f s (estimated %.1f s); masking flags: %s; "
                 "attack not converged: %s", level, rep.seconds, rep.estimate_seconds,
                 [k for k in rep.flagged if k.split("/")[0] not in ATTACK_FINDINGS] or "none",
                 "yes" if rep.attack_not_converged else "no")
@@ -469,12 +472,12 @@ def _plan_norm(prog: _Progress, norm: str, m: int, grid: Sequence[str], headline
     has = {k.split(":")[0] for r in rows.values() for k in r}
     if "fgsm" not in has:
         prog.plan(f"{norm} compare: fgsm", m * nc * 3)
-    nconv = min(nc, cfg.converge_budgets) if cfg.converge_budgets else nc
+    nconv = min(nc, cfg.costly_budgets) if cfg.costly_budgets else nc
     prog.plan(f"{norm} compare: pgd {strong} steps", m * nconv * 2 * (strong + 1))
     prog.plan(f"{norm} compare: losses", 2 * m * nc * 2 * (steps + 1))
     prog.plan(f"{norm} compare: temperatures", len(cfg.temperatures) * m * nc * 2 * (steps + 1))
     if "square" not in has:
-        prog.plan(f"{norm} compare: square", m * nc * cfg.square_queries)
+        prog.plan(f"{norm} compare: square", m * nconv * cfg.square_queries)
     prog.plan(f"{norm} unbounded", m * 2 * (cfg.unbounded_steps + 1))
     prog.plan(f"{norm} eps=0 runs", sum(min(cfg.eps0_n, m) * 2 * 12 for _ in plan.attacks))
     nmono = min(nb, cfg.max_budgets) if cfg.max_budgets else nb
@@ -496,8 +499,8 @@ def _run_all(rep: DiagnosticsReport, model: nn.Module, x: torch.Tensor, y: torch
             logger.info("diagnostics: no non-zero %s budget; skipped", norm.value)
             continue
         norms.append((norm, grid, parse_eps(eps_str), str(eps_str)))
-    prog = _Progress(rep.level, m, _seconds_per_pass(model, xs, ys, pgd_params.get(
-        "loss", "ce"), plan.batch_size) if m else 0.0)
+    prog = _Progress(rep.level, m, _seconds_per_pass(
+        model, xs, ys, Threat(norms[0][0], norms[0][2]), pgd_params) if m and norms else 0.0)
     for norm, grid, eps, _ in norms:
         _plan_norm(prog, norm.value, m, grid, eps, cfg, pgd_params,
                    _rows_by_budget(eval_rows, norm.value), plan)
@@ -576,14 +579,21 @@ def _norm_checks(run: _Runner, model, xs, ys, ids, norm: Norm, eps: float,
     prog.step(f"{nv} pgd curve")
     informative = _pick_budgets(_informative(pgd, run.clean_acc, m), eps,
                                 cfg.compare_budgets)
-    converge = _pick_budgets(informative, eps, cfg.converge_budgets)
+    costly = _pick_budgets(informative, eps, cfg.costly_budgets)
     planned = len(_comparison_budgets(grid, eps, cfg))
     # early stops: an example costs full steps only where PGD left it robust
     prog.replan(f"{nv} compare", sum(min(1.0, pgd[e] + 0.1) for e in informative)
                 / max(planned, 1))
-    skipped = sorted(set(all_budgets) - set(informative))
-    note = (f" (not run at eps {', '.join(es.get(e, f'{e:g}') for e in skipped)}: PGD broke "
-            "nothing or left nothing there)" if skipped else "")
+    def note_for(used: Sequence[float]) -> str:
+        flat = [e for e in all_budgets if e not in informative]
+        capped = [e for e in informative if e not in used]
+        parts = ([f"eps {', '.join(es.get(e, f'{e:g}') for e in flat)}: PGD broke nothing "
+                  "or left nothing there"] if flat else []) + (
+            [f"eps {', '.join(es.get(e, f'{e:g}') for e in capped)}: the level runs this "
+             f"attack at {len(used)} budgets"] if capped else [])
+        return f" (not run at {'; '.join(parts)})" if parts else ""
+
+    note = note_for(informative)
     ref = {e: (pgd[e], m) for e in informative}
 
     # 1. one step beats iterative: eval rows at every budget if the plan ran FGSM
@@ -605,14 +615,14 @@ def _norm_checks(run: _Runner, model, xs, ys, ids, norm: Norm, eps: float,
     restarts = int(run.base.get("restarts", 1))
     more = {"steps": steps * cfg.steps_factor, "restarts": max(cfg.restarts, restarts)}
     key = f"pgd-{more['steps']}x{more['restarts']}"
-    run.curve(key, "pgd", converge, **more)
+    run.curve(key, "pgd", costly, **more)
     prog.step(f"{nv} compare: pgd {more['steps']} steps")
     c = _compare({e: (a, m) for e, a in run.accs(key).items()}, ref, es,
                  f"PGD {more['steps']} steps x {more['restarts']} restarts vs {steps} x "
-                 f"{restarts}" + note)
+                 f"{restarts}" + note_for(costly))
     if c:
         if c["flag"]:
-            bad = [e for e in converge
+            bad = [e for e in costly
                    if run.accs(key)[e] < pgd[e] - delta((run.accs(key)[e], m), (pgd[e], m))]
             c["detail"] = (f"attack not converged at budget eps "
                            f"{', '.join(es.get(e, f'{e:g}') for e in bad)} (use >= "
@@ -667,14 +677,15 @@ def _norm_checks(run: _Runner, model, xs, ys, ids, norm: Norm, eps: float,
     has_square = any("square" in {k.split(":")[0] for k in rr} for rr in rows.values())
     if not has_square:
         try:
-            run.curve(f"square-{cfg.square_queries}", "square", informative,
+            run.curve(f"square-{cfg.square_queries}", "square", costly,
                       n_queries=cfg.square_queries, seed=plan.seed, resc_schedule=True,
                       batch_size=plan.batch_size)
-            white = {e: min([pgd[e]] + [run.accs("fgsm").get(e, 1.0)]) for e in informative}
+            white = {e: min([pgd[e]] + [run.accs("fgsm").get(e, 1.0)]) for e in costly}
             cands.append(_compare(
                 {e: (a, m) for e, a in run.accs(f"square-{cfg.square_queries}").items()},
                 {e: (a, m) for e, a in white.items()}, es,
-                f"Square ({cfg.square_queries} queries) vs PGD/FGSM (subset)" + note))
+                f"Square ({cfg.square_queries} queries) vs PGD/FGSM (subset)"
+                + note_for(costly)))
         except ImportError as e:
             logger.info("diagnostics: square skipped: %s", e)
         prog.step(f"{nv} compare: square")
