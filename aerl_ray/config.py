@@ -122,7 +122,12 @@ class RegimeConfig:
     adv_attack: AdvAttack = _help("inner attack of *_adv regimes: fgsm, fgsm_rs, pgd, trades",
                                   default=AdvAttack.FGSM)
     adv_eps: float = _help("Linf budget of the inner attack (pixels in [0,1])", default=0.01)
-    adv_rate: float = _help("weight of the adversarial term (TRADES: beta)", default=1.0)
+    adv_rate: float = _help("fgsm inner attack: weight of the adversarial term in "
+                            "L(x) + adv_rate * L(x_adv) (the other attacks do not use it)",
+                            default=1.0)
+    trades_beta: float = _help("trades inner attack: weight beta of the KL term in "
+                               "CE(x) + beta * KL(p(x) || p(x')) (Zhang et al. 2019: 6)",
+                               default=6.0)
     adv_steps: int = _help("steps of the pgd/trades inner attack", default=10)
     adv_step_size: float = _help("pgd/trades step size as a fraction of adv_eps",
                                  default=0.25)
@@ -147,6 +152,16 @@ class RegimeConfig:
         _require(self.switch_epoch >= 0, f"switch_epoch={self.switch_epoch} must be >= 0")
         _require(0.0 <= self.adv_eps <= 1.0, f"adv_eps={self.adv_eps} must be in [0, 1]")
         _require(self.adv_rate >= 0.0, f"adv_rate={self.adv_rate} must be >= 0")
+        _require(self.trades_beta >= 0.0, f"trades_beta={self.trades_beta} must be >= 0")
+        _require(self.adv_rate == 1.0 or self.adv_attack is AdvAttack.FGSM,
+                 f"adv_rate={self.adv_rate} with adv_attack={self.adv_attack.value}: adv_rate "
+                 "weights only the fgsm attack's adversarial term; leave it at 1.0"
+                 + ("; TRADES' beta is trades_beta (default 6)"
+                    if self.adv_attack is AdvAttack.TRADES else
+                    f" ({self.adv_attack.value} trains on the adversarial loss alone)"))
+        _require(self.trades_beta == 6.0 or self.adv_attack is AdvAttack.TRADES,
+                 f"trades_beta={self.trades_beta} with adv_attack={self.adv_attack.value}: "
+                 "trades_beta is TRADES' beta; use adv_attack=trades (or adv_rate for fgsm)")
         _require(self.adv_steps >= 1, f"adv_steps={self.adv_steps} must be >= 1")
         _require(0.0 < self.adv_step_size <= 2.0,
                  f"adv_step_size={self.adv_step_size} must be in (0, 2] (fraction of adv_eps)")

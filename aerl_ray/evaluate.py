@@ -169,7 +169,7 @@ def run_evaluation(target: "str | os.PathLike | dict | nn.Module", plan: EvalPla
         source_label: names the transfer source in the attack column (default: derived
             from ``plan.transfer_source``).
         diagnostics: level of the masking diagnostics (default ``plan.diagnostics``); they
-            reuse the rows at the headline budgets (see :mod:`aerl_ray.diagnostics`).
+            reuse the rows at every budget (see :mod:`aerl_ray.diagnostics`).
 
     Raises:
         EvalPlanError, CheckpointError, AttackInputError: before any attack runs.
@@ -210,8 +210,10 @@ def run_evaluation(target: "str | os.PathLike | dict | nn.Module", plan: EvalPla
     eval_rows: list[dict] = []
     ind_rows: list[dict] = []
     eta = _Eta(plan, n)
+    broken_by_norm: dict[str, dict[str, dict[float, torch.Tensor]]] = {}
     for norm, grid in plan.grids:
         broken: dict[str, dict[float, torch.Tensor]] = {}  # attack -> eps -> success (N,)
+        broken_by_norm[norm] = broken
         for name in plan.attacks:
             params = plan.params_for(name)
             attack_label = name
@@ -246,6 +248,8 @@ def run_evaluation(target: "str | os.PathLike | dict | nn.Module", plan: EvalPla
     if level != "off":
         report = run_diagnostics(model, x, y, plan, level=level, eval_rows=eval_rows,
                                  n=plan.diagnostics_n)
+        eval_rows += _worst_case_with_diagnostics(base, plan, broken_by_norm, report,
+                                                  clean_acc)
     return Evaluation(eval_rows, ind_rows, report)
 
 
@@ -323,6 +327,38 @@ def _worst_case_rows(base: dict, norm: str, grid: Sequence[str],
         success, used = wc
         rows.append(_row(base, "worst_case", norm, eps_str, success, clean_acc,
                          params=json.dumps({"attacks": sorted(used)})))
+    return rows
+
+
+WORST_WITH_DIAGNOSTICS = "worst_case+diag"
+
+
+def _worst_case_with_diagnostics(base: dict, plan: EvalPlan,
+                                 broken_by_norm: Mapping[str, Mapping[str, Mapping]],
+                                 report: DiagnosticsReport, clean_acc: float) -> list[dict]:
+    """``worst_case+diag`` rows: the per-example worst case of the plan's attacks *and*
+    the diagnostics' own (a converged many-step PGD, other losses, Square, ...) on the
+    diagnostic subset (the first ``n`` examples; the row's ``n`` says how many).  Where
+    the default attack has not converged this is the robust number to trust; a diagnostic
+    attack run at a budget e counts as broken at every grid budget >= e (ball inclusion)."""
+    rows = []
+    for norm, grid in plan.grids:
+        diag = {}
+        for (label, nv, eps_str), (ids, success) in report.success.items():
+            if nv == norm:
+                diag.setdefault(label, {})[parse_eps(eps_str)] = (ids, success)
+        if not diag:
+            continue
+        sub_ids = next(iter(next(iter(diag.values())).values()))[0].long()
+        merged = {a: {e: s.cpu()[sub_ids] for e, s in curve.items()}
+                  for a, curve in broken_by_norm.get(norm, {}).items()}
+        for label, curve in diag.items():
+            merged[label] = {e: s.cpu() for e, (ids, s) in curve.items()
+                             if torch.equal(ids.long(), sub_ids)}
+        for row in _worst_case_rows(base, norm, grid, merged, clean_acc):
+            row["attack"] = WORST_WITH_DIAGNOSTICS
+            row["params"] = json.dumps({**json.loads(row["params"]), "subset": "first n"})
+            rows.append(row)
     return rows
 
 
@@ -552,6 +588,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(format_table(rows))
     if diag is not None:
         print(diag.format_table())
+        if diag.attack_rows:  # the diagnostics' own attacks (subset), e.g. a converged PGD
+            print("diagnostic attacks (first n examples):")
+            print(format_table(diag.eval_rows()))
     if args.out:
         out = Path(args.out)
         append_rows(out / EVALS.name, rows, EVALS)
@@ -564,7 +603,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             append_rows(out / "diagnostics.parquet", diag.rows(**base))
             (out / "diagnostics.json").write_text(json.dumps(
                 {**base, "masking_suspected": diag.masking_suspected,
-                 "diagnostics": diag.to_dict()}, indent=1, default=str))
+                 "attack_not_converged": diag.attack_not_converged,
+                 "diagnostics": diag.to_dict(),
+                 "attack_rows": diag.eval_rows(**base)}, indent=1, default=str))
             print(f"wrote {len(diag.checks)} diagnostics to {out / 'diagnostics.parquet'} "
                   f"and {out / 'diagnostics.json'}")
     return 0

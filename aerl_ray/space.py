@@ -55,7 +55,6 @@ keep their best *robust validation* epoch of the final regime.
 from __future__ import annotations
 
 import copy
-import itertools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -214,19 +213,25 @@ def _parse_param(src: str, name: str, d: Any, known: list[str], defined: dict[st
 
 
 def _corner_configs(spec: SweepSpec) -> list[dict]:
-    """Parameter assignments at the corners of the space (each active param at low/high or
-    each choice), used to validate that every region builds a valid TrainConfig."""
+    """Parameter assignments at the corners of the space (every choice of every active
+    categorical, conditional ones included, and each numeric param at low or high), used
+    to validate that every region builds a valid TrainConfig (e.g. a searched adv_rate
+    in a branch where adv_attack may be trades)."""
     out: list[dict] = []
-    cats = [p for p in spec.params if p.type == "categorical" and not p.when]
-    for combo in itertools.product(*[p.choices for p in cats]) if cats else [()]:
-        for end in ("low", "high"):
-            values = dict(zip([p.name for p in cats], combo))
-            for p in spec.params:
-                if p.name in values or not p.active(values):
-                    continue
-                values[p.name] = (p.choices[0] if p.type == "categorical" else
-                                  (int(getattr(p, end)) if p.type == "int" else getattr(p, end)))
-            out.append(values)
+    for end in ("low", "high"):
+        partial: list[dict] = [{}]
+        for p in spec.params:  # conditions only refer to parameters defined before
+            grown = []
+            for values in partial:
+                if not p.active(values):
+                    grown.append(values)
+                elif p.type == "categorical":
+                    grown += [{**values, p.name: c} for c in p.choices]
+                else:
+                    v = getattr(p, end)
+                    grown.append({**values, p.name: int(v) if p.type == "int" else v})
+            partial = grown
+        out += partial
     return out
 
 

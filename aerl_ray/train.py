@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from aerl_ray import rng
 from aerl_ray.checkpoint import atomic_torch_save, load_checkpoint, make_checkpoint
 from aerl_ray.config import TrainConfig
 from aerl_ray.data import Splits, augment, load_splits
@@ -94,11 +95,14 @@ def resolve_device(name: str | torch.device | None) -> torch.device:
 
 
 def lr_factor(step: int, total: int, warmup: int, final_ratio: float) -> float:
-    """Linear warm-up over ``warmup`` steps, then linear decay to ``final_ratio``."""
+    """The lr factor of optimiser step ``step`` (0-based) of ``total``: linear warm-up to 1
+    at step ``warmup - 1``, then linear decay that reaches ``final_ratio`` at the last
+    step, ``total - 1`` (and stays there)."""
     if warmup and step < warmup:
         return (step + 1) / warmup
-    span = max(1, total - warmup)
-    return 1.0 - (1.0 - final_ratio) * min(1.0, (step - warmup) / span)
+    peak = max(warmup - 1, 0)  # the step at the full learning rate
+    span = max(1, total - 1 - peak)
+    return 1.0 - (1.0 - final_ratio) * min(1.0, (step - peak) / span)
 
 
 @torch.no_grad()
@@ -142,7 +146,11 @@ def _seed_everything(cfg: TrainConfig, rank: int) -> torch.Generator:
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
-    return torch.Generator().manual_seed(cfg.seed * 1009 + 7919 * rank + 1)
+    return torch.Generator().manual_seed(_rank_seed(cfg.seed, rank))
+
+
+def _rank_seed(seed: int, rank: int) -> int:
+    return seed * 1009 + 7919 * rank + 1
 
 
 def train_loop(cfg: TrainConfig, out_dir: str | os.PathLike,
@@ -158,6 +166,9 @@ def train_loop(cfg: TrainConfig, out_dir: str | os.PathLike,
     base = build_model(cfg.model.model, info, cfg.model.spectral_norm).to(device)
     counter = PassCounter(base)
     model = wctx.wrap_model(base)
+    # identical initial weights on every rank, but each rank its own dropout stream (with
+    # the chief's seed every rank would draw the same dropout masks)
+    torch.manual_seed(_rank_seed(cfg.seed, wctx.rank) + 1)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     per_rank = len(splits.y_train) // wctx.world_size
     steps_per_epoch = max(1, math.ceil(per_rank / cfg.batch_size))
@@ -176,7 +187,7 @@ def train_loop(cfg: TrainConfig, out_dir: str | os.PathLike,
         base.load_state_dict(wctx.resume["model_state"])
         opt.load_state_dict(st["optimizer"])
         sched.load_state_dict(st["scheduler"])
-        gen.set_state(st["generators"][min(wctx.rank, len(st["generators"]) - 1)])
+        _restore_rng(st, gen, wctx, device)
         counter.fwd, counter.bwd = st["fwd_passes"], st["bwd_passes"]
         selector.load_state(st["selection"])
         totals.update(st.get("totals") or {})
@@ -194,14 +205,11 @@ def train_loop(cfg: TrainConfig, out_dir: str | os.PathLike,
         finally:
             model.train(was)
 
-    def backward(partial_loss: torch.Tensor) -> None:
-        # a regime's partial backward: under DDP, defer the all-reduce to the final backward
-        sync_off = model.no_sync() if hasattr(model, "no_sync") else contextlib.nullcontext()
-        with sync_off:
-            partial_loss.backward()
+    def no_sync():  # a regime's partial forward+backward: DDP all-reduces once per step
+        return model.no_sync() if hasattr(model, "no_sync") else contextlib.nullcontext()
 
     ctx = RegimeContext(cfg=cfg.regime, num_classes=info.num_classes, generator=gen,
-                        attack_mode=attack_mode, backward=backward)
+                        attack_mode=attack_mode, no_sync=no_sync)
     flat = cfg.to_flat()
     writer = _tb_writer(out) if chief else None
     gx, gy = splits.x_val[:256], splits.y_val[:256]
@@ -216,7 +224,8 @@ def train_loop(cfg: TrainConfig, out_dir: str | os.PathLike,
         model.train()
         perm = torch.randperm(len(splits.y_train), generator=torch.Generator().manual_seed(
             cfg.seed * 100003 + epoch))[wctx.rank::wctx.world_size][:per_rank]
-        sums = {"loss": 0.0, "correct": 0, "n": 0, "reward": 0.0, "reward_n": 0}
+        sums = {"loss": 0.0, "n": 0, "reward": 0.0, "reward_n": 0,
+                "correct": 0, "clean_n": 0, "correct_adv": 0, "adv_n": 0}
         for i in range(0, per_rank, cfg.batch_size):
             if budget_spent:  # pass_budget reached: finish this (partial) epoch, then stop
                 break
@@ -235,7 +244,11 @@ def train_loop(cfg: TrainConfig, out_dir: str | os.PathLike,
                     cfg.pass_budget * sched.last_epoch / max(1, spent)))
                 budget_spent = spent >= cfg.pass_budget
             sums["loss"] += loss_value * len(y)
-            sums["correct"] += int((stats["logits"].argmax(1) == y).sum())
+            for key, (c_key, n_key) in (("logits", ("correct", "clean_n")),
+                                        ("logits_adv", ("correct_adv", "adv_n"))):
+                if key in stats:
+                    sums[c_key] += int((stats[key].argmax(1) == y).sum())
+                    sums[n_key] += len(y)
             sums["n"] += len(y)
             if "reward" in stats:
                 sums["reward"] += stats["reward"] * len(y)
@@ -253,7 +266,11 @@ def train_loop(cfg: TrainConfig, out_dir: str | os.PathLike,
         kept = selector.offer(epoch, active, val_acc, sel["val_robust_acc"], last_epoch)
         m = {"epoch": epoch, "regime_active": active,
              "train_loss": sums["loss"] / max(1, sums["n"]),
-             "train_acc": sums["correct"] / max(1, sums["n"]),
+             # accuracy on the clean training inputs and on the adversarial ones the regime
+             # trained on (None where the regime did not compute them: PGD-AT has no
+             # clean forward, SL no adversarial one)
+             "train_acc": sums["correct"] / sums["clean_n"] if sums["clean_n"] else None,
+             "train_adv_acc": sums["correct_adv"] / sums["adv_n"] if sums["adv_n"] else None,
              "mean_reward": (sums["reward"] / sums["reward_n"]) if sums["reward_n"] else None,
              "val_acc": val_acc, "val_acc_n": len(splits.y_val),
              "val_robust_acc": sel["val_robust_acc"], "val_robust_acc_n": sel["val_robust_n"],
@@ -266,14 +283,18 @@ def train_loop(cfg: TrainConfig, out_dir: str | os.PathLike,
              "selected_epoch": selector.best_epoch, "epochs_done": epoch + 1}
         history.append(m)
         last_metrics = m
-        logger.info("epoch %d %s loss %.4f train_acc %.4f val_acc %.4f%s%s", epoch, active,
-                    m["train_loss"], m["train_acc"], val_acc,
+        logger.info("epoch %d %s loss %.4f train_acc %s train_adv_acc %s val_acc %.4f%s%s",
+                    epoch, active, m["train_loss"], _fmt(m["train_acc"]),
+                    _fmt(m["train_adv_acc"]), val_acc,
                     "" if sel["val_robust_acc"] is None
                     else f" val_robust_acc {sel['val_robust_acc']:.4f}",
                     " (kept)" if kept else "")
+        # every rank's generators (dropout, exploration, augmentation, random starts),
+        # gathered on the chief: a resumed rank continues its own streams
+        rng_states = rng.gather(rng.capture(gen, device), wctx.rank, wctx.world_size)
         if chief:
             state = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                     "generators": [gen.get_state()], "fwd_passes": counter.fwd,
+                     "rng": rng_states, "fwd_passes": counter.fwd,
                      "bwd_passes": counter.bwd, "selection": selector.state(),
                      "totals": dict(totals), "wall_seconds": m["wall_seconds"]}
             if kept:
@@ -297,6 +318,33 @@ def train_loop(cfg: TrainConfig, out_dir: str | os.PathLike,
         writer.close()
     return _finish(cfg, base, info, splits, out, history, last_metrics, device, chief,
                    wctx.final_test)
+
+
+def _restore_rng(st: dict, gen: torch.Generator, wctx: WorkerContext,
+                 device: torch.device) -> None:
+    """This rank's generators from a ``last.pt`` train state (see :mod:`aerl_ray.rng`)."""
+    states = st.get("rng")
+    if states is not None and len(states) == wctx.world_size:
+        rng.restore(states[wctx.rank], gen, device)
+        return
+    if states is not None:  # resumed with another number of workers: streams cannot match
+        logger.warning("last.pt holds RNG states of %d workers, this run has %d: rank %d "
+                       "continues from rank %d's streams with a rank-specific offset",
+                       len(states), wctx.world_size, wctx.rank, wctx.rank % len(states))
+        rng.restore(states[wctx.rank % len(states)], gen, device)
+        if wctx.rank >= len(states):
+            gen.manual_seed(int(torch.randint(2**62, (1,), generator=gen)) + wctx.rank)
+        return
+    # an older checkpoint: only the chief's seeded generator was saved
+    logger.warning("last.pt has no per-rank RNG state (an older checkpoint): dropout and "
+                   "the other global generators restart; the resumed run is not exact")
+    gen.set_state(st["generators"][0])
+    if wctx.rank:
+        gen.manual_seed(int(torch.randint(2**62, (1,), generator=gen)) + wctx.rank)
+
+
+def _fmt(v: float | None) -> str:
+    return "-" if v is None else f"{v:.4f}"
 
 
 def _finish(cfg, base, info, splits, out, history, last_metrics, device, chief,

@@ -29,20 +29,35 @@ def cheap_params(name: str, source: nn.Module) -> dict:
 @pytest.mark.parametrize("norm", ["linf", "l2"])
 @pytest.mark.parametrize("name", ATTACKS.names())
 def test_attack_invariants(name, norm, sl_model, sl_model_b, digits):
+    """Each registered attack's RAW output (its function called directly, not through
+    run_attack, which re-projects and re-predicts) is in the ball and the box, and its
+    success mask is exactly "the model misclassifies the returned point"."""
     x, y = digits.x_test[:24], digits.y_test[:24]
-    clean_acc = float((predict(sl_model, x) == y).float().mean())
-    accs = []
+    spec = ATTACKS.get(name)
+    sl_model.eval()
     for eps in GRIDS[norm]:
         threat = Threat(norm, eps)
-        r = run_attack(name, sl_model, x, y, threat, **cheap_params(name, sl_model_b))
+        r = spec.fn(sl_model, x, y, threat, **cheap_params(name, sl_model_b))
         assert r.x_adv.shape == x.shape
         assert float(r.x_adv.min()) >= 0.0 and float(r.x_adv.max()) <= 1.0
-        assert float(threat.size(r.x_adv - x).max()) <= eps + 1e-6
-        assert torch.equal(r.success, predict(sl_model, r.x_adv) != y)
-        accs.append(r.robust_acc)
+        assert float(threat.size(r.x_adv - x).max()) <= eps * (1 + 1e-5) + 1e-6, eps
+        assert torch.equal(r.success.cpu(), (predict(sl_model, r.x_adv) != y).cpu()), eps
+        if eps == 0:
+            assert torch.equal(r.success.cpu(), (predict(sl_model, x) != y).cpu())
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+@pytest.mark.parametrize("name", ATTACKS.names())
+def test_run_attack_curve_over_budgets(name, norm, sl_model, sl_model_b, digits):
+    """Through run_attack: eps = 0 is the clean accuracy, accuracy falls with the budget
+    and the largest budget does something."""
+    x, y = digits.x_test[:24], digits.y_test[:24]
+    clean_acc = float((predict(sl_model, x) == y).float().mean())
+    accs = [run_attack(name, sl_model, x, y, Threat(norm, eps),
+                       **cheap_params(name, sl_model_b)).robust_acc for eps in GRIDS[norm]]
     assert accs[0] == pytest.approx(clean_acc)
     assert all(b <= a + 1e-9 for a, b in zip(accs, accs[1:])), accs
-    assert accs[-1] < clean_acc  # the largest budget does something
+    assert accs[-1] < clean_acc
 
 
 @pytest.mark.parametrize("name", ATTACKS.names())
@@ -154,6 +169,28 @@ def test_transfer_cache_reuses_crafted_points(sl_model, sl_model_b, digits, tmp_
     d = run_attack("transfer", sl_model, x, y, t.with_eps(0.2), source=sl_model_b, steps=5,
                    cache=cache)
     assert not d.extra["cached"]
+
+
+def test_transfer_cache_tells_sources_apart_by_more_than_weights(sl_model, sl_model_b,
+                                                                 digits):
+    """Two wrappers of the same weights that differ in a plain attribute (a logit
+    temperature) craft different sets and must not share a cache entry (the old key
+    fingerprinted only the state dict)."""
+    from aerl_ray.attacks.transfer import model_fingerprint
+    from aerl_ray.diagnostics import LogitScale
+
+    x, y = digits.x_test[:32], digits.y_test[:32]
+    cache = TransferCache()
+    hot, cold = LogitScale(sl_model_b, 1.0), LogitScale(sl_model_b, 1000.0)
+    assert model_fingerprint(hot) != model_fingerprint(cold)
+    assert model_fingerprint(hot) == model_fingerprint(LogitScale(sl_model_b, 1.0))
+    t = Threat("linf", 0.1)
+    a = run_attack("transfer", sl_model, x, y, t, source=hot, steps=5, cache=cache)
+    b = run_attack("transfer", sl_model, x, y, t, source=cold, steps=5, cache=cache)
+    assert not a.extra["cached"] and not b.extra["cached"] and len(cache) == 2
+    c = run_attack("transfer", sl_model, x, y, t, source=LogitScale(sl_model_b, 1.0),
+                   steps=5, cache=cache)
+    assert c.extra["cached"] and torch.equal(c.x_adv, a.x_adv)
 
 
 def test_square_counts_queries(sl_model, digits):

@@ -64,6 +64,17 @@ def test_plugin_names_become_valid_and_unknown_ones_list_them(lab):
     assert "+plugins:" in code_hash()
 
 
+def test_plugin_regime_gets_the_built_in_regime_checks(lab, digits_splits):
+    """A plugin's regime is checked by the same helper as the built-in ones
+    (aerl_ray.testing.check_regime): loss, determinism, learning."""
+    from aerl_ray.testing import check_regime
+
+    load_plugins([str(lab / "mylab")])
+    x, y = digits_splits.x_train[:64], digits_splits.y_train[:64]
+    out = check_regime("logit_squeeze", x, y, 10, reg_lambda=0.05)
+    assert out["after"] < out["before"] and out["stats"]["logit_sq"] >= 0
+
+
 def test_bad_plugins_fail_clearly(tmp_path):
     with pytest.raises(PluginError, match="neither a .py file nor a package"):
         load_plugins([str(tmp_path / "missing.py")])

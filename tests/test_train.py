@@ -5,6 +5,8 @@ import sys
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from aerl_ray.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from aerl_ray.config import TrainConfig
@@ -34,7 +36,7 @@ def test_outputs_metrics_tensorboard_checkpoints(tmp_path, digits_splits):
     rows = read_metrics(tmp_path / "metrics.jsonl")
     assert [r["epoch"] for r in rows] == [0, 1, 2]
     assert [r["regime_active"] for r in rows] == ["sl", "rl", "rl"]
-    keys = {"train_loss", "train_acc", "val_acc", "input_grad_norm", "fwd_passes", "bwd_passes",
+    keys = {"train_loss", "train_acc", "train_adv_acc", "val_acc", "input_grad_norm", "fwd_passes", "bwd_passes",
             "epoch_seconds", "wall_seconds", "mean_reward", "lr"}
     assert keys <= set(rows[-1])
     assert rows[0]["mean_reward"] is None and rows[-1]["mean_reward"] is not None
@@ -150,15 +152,16 @@ def test_cli_end_to_end(tmp_path):
 
 
 def test_pass_budget_gives_equal_compute_across_regimes(tmp_path, digits_splits):
-    """SL (1 fwd + 1 bwd per example) and RL-adv (2 + 2) stop at the same pass budget."""
+    """SL (1 forward + a training backward of 2 forward-equivalents per example: 3) and
+    RL-adv (6) stop at the same pass budget."""
     n = len(digits_splits.y_train)
-    budget = 6 * n  # 3 SL epochs, 1.5 RL-adv epochs
+    budget = 9 * n  # 3 SL epochs, 1.5 RL-adv epochs
     runs = {}
     for regime in ("sl", "rl_adv"):
         res = fit(cfg(regime=regime, model="tiny", epochs=10, pass_budget=budget,
                       final_lr_ratio=0.0), tmp_path / regime, splits=digits_splits)
         spent = res.metrics["fwd_passes"] + res.metrics["bwd_passes"]
-        assert budget <= spent < budget + 4 * 64 * 2, (regime, spent)
+        assert budget <= spent < budget + 6 * 64 * 2, (regime, spent)
         runs[regime] = res
     assert len(runs["sl"].history) == 3 and len(runs["rl_adv"].history) == 2
     # the lr schedule decays over the budget, not over the 10-epoch upper bound
@@ -203,3 +206,86 @@ def test_resumed_run_reports_its_whole_compute(tmp_path, digits_splits):
     assert again.history == []  # nothing was trained again ...
     assert again.metrics["fwd_passes"] == full.metrics["fwd_passes"] > 0  # ... and all counted
     assert again.metrics["wall_seconds"] == pytest.approx(full.metrics["wall_seconds"])
+
+
+# --- the learning-rate schedule ---------------------------------------------------------
+def _lrs_used(total: int, warmup: int, final: float) -> list[float]:
+    """The lr factor each of ``total`` optimiser steps really uses (LambdaLR as the loop
+    drives it: one sched.step() after each optimiser step)."""
+    from aerl_ray.train import lr_factor
+
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=1.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, warmup,
+                                                                       final))
+    used = []
+    for _ in range(total):
+        used.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return used
+
+
+def test_lr_reaches_the_final_ratio_on_the_last_step():
+    """10 steps, 2 of warm-up, decay to 0.1: the 10th step uses 0.1 (was 0.2125)."""
+    used = _lrs_used(10, 2, 0.1)
+    assert used[:2] == [0.5, 1.0]
+    assert used[-1] == pytest.approx(0.1)
+    assert used[0] < used[1] and all(a > b for a, b in zip(used[1:], used[2:]))
+
+
+@settings(deadline=None, max_examples=60)  # timing-free: the machine is shared
+@given(total=st.integers(1, 300), warmup=st.integers(0, 50),
+       final=st.floats(0.0, 1.0, allow_nan=False))
+def test_lr_schedule_properties(total, warmup, final):
+    """Warm-up rises to 1, then the factor never increases, stays in [final, 1] and the
+    last step uses exactly ``final`` (when there is a step after the warm-up)."""
+    warmup = min(warmup, total - 1) if total > 1 else 0
+    used = _lrs_used(total, warmup, final)
+    assert all(final - 1e-12 <= u <= 1.0 + 1e-12 for u in used[warmup:])
+    assert all(b <= a + 1e-12 for a, b in zip(used[max(warmup - 1, 0):],
+                                              used[max(warmup, 1):]))
+    if total - 1 > max(warmup - 1, 0):
+        assert used[-1] == pytest.approx(final, abs=1e-12)
+    if warmup:
+        assert used[warmup - 1] == pytest.approx(1.0)
+
+
+# --- what the metrics call training accuracy ---------------------------------------------
+@pytest.mark.parametrize("attack, clean, adv", [
+    ("fgsm", True, True), ("trades", True, True), ("pgd", False, True),
+    ("fgsm_rs", False, True)])
+def test_train_accuracy_is_named_clean_or_adversarial(tmp_path, digits_splits, attack, clean,
+                                                      adv):
+    """train_acc is accuracy on the clean inputs, train_adv_acc on the adversarial ones;
+    None where the regime does not compute them (the old train_acc meant adversarial
+    accuracy for pgd/fgsm_rs and clean for fgsm/trades)."""
+    res = fit(cfg(regime="sl_adv", adv_attack=attack, adv_steps=2, adv_eps=0.3, model="tiny",
+                  epochs=1, train_limit=256), tmp_path, splits=digits_splits)
+    m = res.history[-1]
+    assert (m["train_acc"] is not None) == clean
+    assert (m["train_adv_acc"] is not None) == adv
+    if clean and adv:  # at eps 0.3 the adversarial inputs are much harder
+        assert m["train_adv_acc"] < m["train_acc"]
+    plain = fit(cfg(regime="sl", model="tiny", epochs=1), tmp_path / "sl",
+                splits=digits_splits).history[-1]
+    assert plain["train_acc"] is not None and plain["train_adv_acc"] is None
+
+
+def test_best_checkpoint_is_the_epoch_of_best_validation_accuracy(tmp_path, digits_splits,
+                                                                  monkeypatch):
+    """The current selection rule (best clean validation accuracy, first epoch on ties):
+    best.pt holds that epoch's weights."""
+    import aerl_ray.train as train_mod
+
+    vals = iter([0.5, 0.8, 0.8, 0.6])
+    real = train_mod.accuracy
+
+    def scripted(model, x, y, batch, device):
+        return next(vals) if x is digits_splits.x_val else real(model, x, y, batch, device)
+
+    monkeypatch.setattr(train_mod, "accuracy", scripted)
+    res = fit(cfg(model="tiny", epochs=4), tmp_path, splits=digits_splits)
+    assert res.metrics["best_epoch"] == 1 and res.metrics["best_val_acc"] == 0.8
+    assert load_checkpoint(tmp_path / "best.pt")["epoch"] == 1
+    assert [r["selected_epoch"] for r in res.history] == [0, 1, 1, 1]

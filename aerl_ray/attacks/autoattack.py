@@ -19,7 +19,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from aerl_ray.attacks.base import AttackResult, register_attack
+from aerl_ray.attacks.base import AttackResult, predict, register_attack
 from aerl_ray.attacks.threat import Threat
 
 logger = logging.getLogger(__name__)
@@ -148,5 +148,6 @@ def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: Threa
     flags = [f"autoattack: {m}" for m in flags]
     for m in flags:
         logger.warning("%s", m)
-    return AttackResult(x_adv.detach(), torch.zeros(len(x), dtype=torch.bool),
-                        torch.full((len(x),), float("nan")), flags=flags)
+    x_adv = x_adv.detach()
+    success = (predict(model, x_adv, batch_size) != y).cpu()
+    return AttackResult(x_adv, success, torch.full((len(x),), float("nan")), flags=flags)

@@ -12,7 +12,7 @@ import importlib
 import torch
 from torch import nn
 
-from aerl_ray.attacks.base import AttackResult, register_attack
+from aerl_ray.attacks.base import AttackResult, predict, register_attack
 from aerl_ray.attacks.threat import Threat
 
 
@@ -56,6 +56,7 @@ def square(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: Threat, *
             torch.no_grad():
         for b in range(0, len(x), batch_size):
             out.append(atk.perturb(x[b:b + batch_size], y[b:b + batch_size]))
-    return AttackResult(torch.cat(out), torch.zeros(len(x), dtype=torch.bool),
-                        torch.full((len(x),), float("nan")),
+    x_adv = torch.cat(out)
+    success = (predict(model, x_adv, batch_size) != y).cpu()
+    return AttackResult(x_adv, success, torch.full((len(x),), float("nan")),
                         extra={"query_budget": n_queries * restarts})

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from aerl_ray.attacks.base import AttackInputError, AttackResult, register_attack
+from aerl_ray.attacks.base import AttackInputError, AttackResult, predict, register_attack
 from aerl_ray.attacks.pgd import pgd_core
 from aerl_ray.attacks.threat import Threat
 from aerl_ray.passes import PassCounter
@@ -35,9 +35,21 @@ def tensor_fingerprint(t: torch.Tensor) -> str:
     return h.hexdigest()[:16]
 
 
+_PLAIN = (bool, int, float, str, type(None))
+
+
 def model_fingerprint(model: nn.Module) -> str:
-    """sha1 (16 hex) of a model's state dict: identifies a source without a path."""
+    """sha1 (16 hex) of what a model computes, to identify a source without a path: every
+    submodule's name and class with its plain attributes (a wrapper's logit temperature,
+    a layer's stride, ...) and the state dict (weights and buffers).  Two models that
+    share weights but differ in such an attribute craft different sets."""
     h = hashlib.sha1()
+    for name, m in model.named_modules():
+        plain = sorted((k, v) for k, v in vars(m).items()
+                       if not k.startswith("_") and k != "training"
+                       and (isinstance(v, _PLAIN) or (isinstance(v, tuple) and all(
+                           isinstance(i, _PLAIN) for i in v))))
+        h.update(f"{name}:{type(m).__module__}.{type(m).__qualname__}:{plain!r};".encode())
     for k, v in sorted(model.state_dict().items()):
         h.update(k.encode())
         h.update(v.detach().cpu().contiguous().numpy().tobytes())
@@ -161,6 +173,6 @@ def transfer(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: Threat,
     else:
         x_adv = cached.to(x.device)
     extra.update(source_fwd_passes=fwd, source_bwd_passes=bwd)
-    return AttackResult(x_adv, torch.zeros(len(x), dtype=torch.bool),
-                        torch.full((len(x),), float("nan")), fwd_passes=fwd, bwd_passes=bwd,
-                        extra=extra)
+    success = (predict(model, x_adv, batch_size) != y).cpu()
+    return AttackResult(x_adv, success, torch.full((len(x),), float("nan")),
+                        fwd_passes=fwd, bwd_passes=bwd, extra=extra)

@@ -1,10 +1,13 @@
 """Training regimes: plain loss functions ``(model, x, y, ctx) -> (loss, stats)``.
 
 The training loop owns the optimiser, train/eval modes, devices and logging; a regime
-only computes a loss.  ``stats`` holds ``logits`` (detached, of the inputs the accuracy
-is measured on) and optional scalars such as ``reward``.  A regime may back-propagate
-part of its loss itself through ``ctx.backward`` (the loop zeroes gradients before calling
-it) and return the rest; it then reports the whole loss value as ``stats["loss_value"]``.  Modules, one per family:
+only computes a loss.  ``stats`` holds detached ``logits`` of the clean inputs and/or
+``logits_adv`` of adversarial inputs (whichever the regime computed; the loop reports
+clean and adversarial training accuracy from them) and optional scalars such as
+``reward``.  A regime may back-propagate part of its loss itself -- forward *and*
+backward inside ``with ctx.no_sync():`` (the loop zeroes gradients before calling it) --
+and return the rest; it then reports the whole loss value as ``stats["loss_value"]``.
+Modules, one per family:
 
 - :mod:`.supervised`: ``sl`` (cross-entropy)
 - :mod:`.policy_gradient`: ``rl`` (REINFORCE with epsilon-greedy exploration)
@@ -39,8 +42,11 @@ class RegimeContext:
         generator: seeded CPU generator for exploration and random starts.
         attack_mode: context manager from the training loop that puts the model in eval
             mode for an inner attack (BN statistics frozen), then restores the mode.
-        backward: back-propagates a partial loss into the parameter gradients now (the
-            loop supplies a DDP-aware version that defers the gradient all-reduce).
+        no_sync: context manager for the forward and backward of a partial loss the
+            regime back-propagates itself: its parameter gradients accumulate locally
+            and are all-reduced once, with the final backward's (the loop supplies DDP's
+            ``no_sync``; DDP arms its all-reduce in the forward, so the forward must be
+            inside too).
     """
 
     cfg: Any
@@ -48,7 +54,7 @@ class RegimeContext:
     epoch: int = 0
     generator: torch.Generator = field(default_factory=lambda: torch.Generator().manual_seed(0))
     attack_mode: Callable[[], ContextManager] = contextlib.nullcontext
-    backward: Callable[[torch.Tensor], None] = torch.Tensor.backward
+    no_sync: Callable[[], ContextManager] = contextlib.nullcontext
 
 
 # Import the families so their @REGIMES.register decorators run.
