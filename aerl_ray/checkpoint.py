@@ -20,15 +20,15 @@ import dataclasses
 import functools
 import importlib.metadata
 import logging
-import os
 import platform
 import re
 import subprocess
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from aerl_ray.atomic import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -67,18 +67,7 @@ def git_revision() -> str:
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
     """Write to a temp file in the same directory, fsync, then rename over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda f: torch.save(obj, f), binary=True)
 
 
 def make_checkpoint(model: torch.nn.Module, config: dict, info, epoch: int, metrics: dict,

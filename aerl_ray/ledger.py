@@ -24,7 +24,6 @@ the study when it is created) until the study holds ``num_samples`` trials.
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
 import warnings
@@ -34,6 +33,7 @@ from typing import Any, Iterable, Mapping
 import pandas as pd
 
 from aerl_ray import results as R
+from aerl_ray.stats import finite_or_none
 
 logger = logging.getLogger(__name__)
 
@@ -251,7 +251,7 @@ class Ledger:
         if trial.state.is_finished():
             return
         attrs = {"status": status, "error": str(row.get("error") or "")[:500],
-                 "val_acc": _num(row.get("val_acc")), "epochs_run": row.get("epochs_run"),
+                 "val_acc": finite_or_none(row.get("val_acc")), "epochs_run": row.get("epochs_run"),
                  "ckpt_epoch": row.get("ckpt_epoch"), "ckpt_regime": row.get("ckpt_regime")}
         rung = self.last_rung(str(row["trial_id"]))
         if status == PRUNED and rung is not None:  # the rung values it was stopped on
@@ -336,13 +336,6 @@ class Ledger:
         for t in (R.EVALS, R.INDICATORS, R.EPOCHS, self.trials_table, self.confirm_table):
             R.compact_table(self.run.table(t), t)
 
-
-def _num(v: Any) -> float | None:
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return None
-    return f if math.isfinite(f) else None
 
 
 def study_frame(ledger: Ledger) -> pd.DataFrame:

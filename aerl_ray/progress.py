@@ -21,6 +21,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
 
+from aerl_ray.stats import finite_or_none
+
 logger = logging.getLogger(__name__)
 
 MODES = ("auto", "table", "lines", "quiet")
@@ -210,8 +212,8 @@ def progress_callback(board: Board, mode: str, ledger=None, console=None):
                 return
             if "epoch" in result:
                 v.epoch = int(result["epoch"])
-                v.val_acc = _num(result.get("val_acc"))
-                rob = _num(result.get("val_robust_acc"))  # measured at rungs / robust
+                v.val_acc = finite_or_none(result.get("val_acc"))
+                rob = finite_or_none(result.get("val_robust_acc"))  # measured at rungs / robust
                 v.val_robust = rob if rob is not None else v.val_robust  # selection only
                 v.status = "EVALUATING" if v.epoch + 1 >= v.epochs else "RUNNING"
             rung = ledger.last_rung(v.key) if ledger is not None else None
@@ -244,13 +246,6 @@ def progress_callback(board: Board, mode: str, ledger=None, console=None):
 
     return Progress()
 
-
-def _num(v: Any) -> float | None:
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return None
-    return f if math.isfinite(f) else None
 
 
 def board_from_rows(name: str, total: int, concurrency: int, objectives: Sequence[str],

@@ -45,6 +45,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from aerl_ray.atomic import atomic_write
 from aerl_ray.stats import pareto_mask, wilson_interval  # noqa: F401  (re-exported)
 
 logger = logging.getLogger(__name__)
@@ -316,17 +317,7 @@ class RunDir:
 
 def write_json_atomic(path: Path, obj: Any) -> None:
     """Temp file + fsync + rename: a crash leaves the old file or the new one."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1, default=str)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda f: json.dump(obj, f, indent=1, default=str))
 
 
 # --- atomic Parquet parts -------------------------------------------------------------------

@@ -113,3 +113,12 @@ def front_status(points, half_widths=None) -> tuple[list[str], list[list[int]], 
         else:
             status[b] = FRONT
     return status, dominators, ties
+
+
+def finite_or_none(v) -> float | None:
+    """``float(v)`` when it is a finite number, else None (NaN, inf, None, text)."""
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None

@@ -161,13 +161,13 @@ def test_sweep_cli_bad_input_exits_2_with_one_line(tmp_path):
 
 # --- faults: SIGKILL and SIGINT at several moments, resumed -------------------------------
 def _chain_space(tmp_path: Path) -> Path:
-    """4 trials (one per regime), cnn4 for a few seconds of training each, 2 at a time;
+    """6 trials (every regime first), cnn4 for a few seconds of training each, 2 at a time;
     the confirmation stage retrains 1 seed of each confirmed configuration."""
     raw = yaml.safe_load(QUICK.read_text())
     raw["smoke"] = {
         "fixed": {"epochs": 4, "model": "cnn4", "val_size": 100},
         "parameters": {"switch_epoch": {"low": 1, "high": 2}},
-        "num_samples": 4, "reference": {"epochs": 1},
+        "num_samples": 6, "reference": {"epochs": 1},
         "evaluation": {"n": 32, "batch_size": 32, "attack_params": {"pgd": {"steps": 5}},
                        "indicator_steps": 3},
         "confirm": {"seeds": 1, "n": 32, "configs": "front",
@@ -269,10 +269,10 @@ def test_killed_and_interrupted_sweep_resumes_exactly(study_of, ray_session, tmp
     res = run_sweep(resume=run, verbose=0)
 
     trials = pd.read_parquet(run / "trials.parquet")
-    assert sorted(trials["trial_id"]) == [f"t{i:04d}" for i in range(4)]
+    assert sorted(trials["trial_id"]) == [f"t{i:04d}" for i in range(6)]
     assert (trials["status"] == "COMPLETE").all(), trials[["trial_id", "status", "error"]]
     study = study_of(run)
-    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 4
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 6
     assert sorted(t.user_attrs["aerl_trial_id"] for t in study.trials) == sorted(trials["trial_id"])
     for t in study.trials:
         row = trials.set_index("trial_id").loc[t.user_attrs["aerl_trial_id"]]
@@ -299,7 +299,7 @@ def test_killed_and_interrupted_sweep_resumes_exactly(study_of, ray_session, tmp
         assert row["train_fwd_passes"] == 4 * per_epoch * n_train, row["trial_id"]
         assert row["train_bwd_passes"] == 4 * per_epoch * n_train, row["trial_id"]
         assert row["train_seconds"] > 0
-    assert len(res.trials) == 4
+    assert len(res.trials) == 6
 
 
 def test_two_sweeps_share_one_storage(tmp_path):
