@@ -41,6 +41,13 @@ class AdvAttack(str, enum.Enum):
     TRADES = "trades"  # KL-regularised (Zhang et al. 2019)
 
 
+class Precision(str, enum.Enum):
+    """Arithmetic of the training forward passes (see aerl_ray.fastpath)."""
+
+    FP32 = "fp32"
+    BF16 = "bf16"  # autocast; weights, optimiser, evaluation and attacks stay fp32
+
+
 def _help(text: str, **kw: Any) -> Any:
     return field(metadata={"help": text}, **kw)
 
@@ -202,7 +209,21 @@ class TrainConfig:
     select_n: int = _help("robust selection on the first N validation images (0 = all)",
                           default=256)
 
+    precision: Precision = _help("training arithmetic: fp32, or bf16 autocast of the "
+                                 "regime's forward passes (weights, optimiser, evaluation "
+                                 "and attacks stay fp32)", default=Precision.FP32)
+    channels_last: bool = _help("model and batches in channels_last (NHWC) memory format",
+                                default=False)
+    compile: bool = _help("torch.compile the network (falls back to eager with a warning "
+                          "where it cannot compile)", default=False)
+    cudnn_benchmark: bool = _help("let cuDNN benchmark convolution algorithms "
+                                  "(torch.backends.cudnn.benchmark)", default=False)
+    resident_data: bool = _help("keep train/validation data on the accelerator when they "
+                                "fit in half its free memory; batches and augmentation are "
+                                "then made there (no effect on the CPU)", default=True)
+
     def __post_init__(self) -> None:
+        object.__setattr__(self, "precision", _enum(Precision, self.precision, "precision"))
         _require(self.epochs >= 1, f"epochs={self.epochs} must be >= 1")
         _require(self.batch_size >= 1, f"batch_size={self.batch_size} must be >= 1")
         _require(self.pass_budget >= 0, f"pass_budget={self.pass_budget} must be >= 0 (0 = off)")
@@ -249,7 +270,7 @@ class TrainConfig:
                     sv = getattr(v, sf.name)
                     out[sf.name] = sv.value if isinstance(sv, enum.Enum) else sv
             else:
-                out[f.name] = v
+                out[f.name] = v.value if isinstance(v, enum.Enum) else v
         return out
 
     @classmethod

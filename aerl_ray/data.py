@@ -313,10 +313,11 @@ def load_splits(cfg) -> Splits:
 
 def augment(x: torch.Tensor, generator: torch.Generator, translate: float = 0.1) -> torch.Tensor:
     """The paper's augmentation on a batch tensor (any device): random horizontal and
-    vertical flips and up to ``translate`` x size random translation (zero fill)."""
+    vertical flips and up to ``translate`` x size random translation (zero fill).  The
+    draws happen on ``generator``'s device (a generator on ``x``'s device: no host sync)."""
     n = x.shape[0]
     dev = x.device
-    r = torch.rand(n, 4, generator=generator).to(dev)
+    r = torch.rand(n, 4, generator=generator, device=generator.device).to(dev)
     x = torch.where((r[:, 0] < 0.5).view(n, 1, 1, 1), x.flip(-1), x)
     x = torch.where((r[:, 1] < 0.5).view(n, 1, 1, 1), x.flip(-2), x)
     if translate > 0:

@@ -3,7 +3,8 @@
 A resumed run must continue the random streams of the interrupted one, or it is not the
 same run: dropout draws from torch's global CPU generator (the CUDA generator of the
 device on a GPU), exploration, augmentation and random starts from the trial's seeded
-generator, and third-party code may draw from Python's ``random`` or NumPy's global
+generator (on a CUDA run: its seeded generator on the device, see
+:mod:`aerl_ray.fastpath`), and third-party code may draw from Python's ``random`` or NumPy's global
 generator.  :func:`capture` returns all of them as tensors and plain values (so a
 checkpoint stays loadable with ``weights_only=True``); :func:`restore` puts them back.
 
@@ -24,9 +25,11 @@ import torch
 logger = logging.getLogger(__name__)
 
 
-def capture(generator: torch.Generator, device: torch.device | None = None) -> dict[str, Any]:
-    """The state of ``generator``, torch's global CPU (and ``device``'s CUDA) generator,
-    Python's ``random`` and NumPy's global generator."""
+def capture(generator: torch.Generator, device: torch.device | None = None,
+            device_generator: torch.Generator | None = None) -> dict[str, Any]:
+    """The state of ``generator``, ``device_generator`` (when it is another object),
+    torch's global CPU (and ``device``'s CUDA) generator, Python's ``random`` and NumPy's
+    global generator."""
     np_state = np.random.get_state(legacy=False)
     state: dict[str, Any] = {
         "generator": generator.get_state(),
@@ -40,13 +43,24 @@ def capture(generator: torch.Generator, device: torch.device | None = None) -> d
     }
     if device is not None and device.type == "cuda":
         state["torch_cuda"] = torch.cuda.get_rng_state(device)
+    if device_generator is not None and device_generator is not generator:
+        state["device_generator"] = device_generator.get_state()
     return state
 
 
 def restore(state: dict[str, Any], generator: torch.Generator,
-            device: torch.device | None = None) -> None:
+            device: torch.device | None = None,
+            device_generator: torch.Generator | None = None) -> None:
     """Put back what :func:`capture` returned (on the same kind of device)."""
     generator.set_state(state["generator"])
+    if device_generator is not None and device_generator is not generator:
+        if "device_generator" in state:
+            device_generator.set_state(state["device_generator"])
+        else:
+            logger.warning("the checkpoint has no device-generator state (saved on a CPU "
+                           "run or by an older version): exploration, augmentation and "
+                           "random starts on %s restart from their seed; the resumed run "
+                           "is not exact", device)
     torch.set_rng_state(state["torch_cpu"])
     random.setstate(_lists_to_tuples(state["python"]))
     n = state["numpy"]

@@ -13,7 +13,7 @@ It checks, on one fixed batch of a tiny model:
   ``stats["logits"]`` (what the loop's training accuracy is measured on), if given, has
   one row per example;
 - **determinism**: the same generator seed gives the same loss (exploration, random starts
-  and augmentation must draw from ``ctx.generator``, not a global RNG);
+  and augmentation must draw from ``ctx.rng`` or ``ctx.generator``, not a global RNG);
 - **learning**: 40 Adam steps lower the loss averaged over 3 fixed seeds.
 
 Each failure raises :class:`RegimeCheckError` naming the regime and the property.
@@ -89,7 +89,7 @@ def check_regime(name: str, x: torch.Tensor, y: torch.Tensor, num_classes: int, 
     a, b = value(*run(7)), value(*run(7))
     if a != b:
         raise RegimeCheckError(f"regime {name!r}: the same generator seed gave losses {a} and "
-                               f"{b}: draw randomness from ctx.generator, not a global RNG")
+                               f"{b}: draw randomness from ctx.rng (or ctx.generator), not a global RNG")
 
     before = sum(value(*run(s)) for s in range(3))
     for i in range(steps):

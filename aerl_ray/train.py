@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from aerl_ray import rng
+from aerl_ray import fastpath, rng
 from aerl_ray.checkpoint import atomic_torch_save, load_checkpoint, make_checkpoint
 from aerl_ray.config import TrainConfig
 from aerl_ray.data import Splits, augment, load_splits
@@ -108,11 +108,12 @@ def lr_factor(step: int, total: int, warmup: int, final_ratio: float) -> float:
 @torch.no_grad()
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int,
              device: torch.device) -> float:
-    correct = 0
+    """Top-1 accuracy; the count stays on ``device`` until the end (one host sync)."""
+    correct = torch.zeros((), dtype=torch.int64, device=device)
     for i in range(0, len(y), batch):
         out = model(x[i:i + batch].to(device))
-        correct += int((out.argmax(1).cpu() == y[i:i + batch]).sum())
-    return correct / max(1, len(y))
+        correct += (out.argmax(1) == y[i:i + batch].to(device)).sum()
+    return int(correct) / max(1, len(y))
 
 
 def input_grad_norm(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
@@ -125,15 +126,18 @@ def input_grad_norm(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
 
 
 def train_step(model: nn.Module, loss_fn, x: torch.Tensor, y: torch.Tensor, ctx: RegimeContext,
-               opt: torch.optim.Optimizer, sched, grad_clip: float) -> tuple[float, dict]:
+               opt: torch.optim.Optimizer, sched, grad_clip: float,
+               precision: str = "fp32") -> tuple[torch.Tensor, dict]:
     """One optimisation step of any regime; returns (loss value, regime stats).
 
-    A non-finite loss skips the update (the caller stops the run)."""
+    The loss value is a detached 0-dim tensor on the device: the step never waits for
+    the device.  The caller checks that it is finite (the loop: at most every
+    ``fastpath.FINITE_CHECK_STEPS`` steps; a diverged run is stopped, nothing of it is
+    saved).  ``precision`` bf16 runs the regime's forward passes under autocast."""
     opt.zero_grad(set_to_none=True)
-    loss, stats = loss_fn(model, x, y, ctx)
-    value = float(stats.get("loss_value", loss.detach()))
-    if not math.isfinite(value):
-        return value, stats
+    with fastpath.autocast(precision, x.device):
+        loss, stats = loss_fn(model, x, y, ctx)
+    value = torch.as_tensor(stats.get("loss_value", loss)).detach()
     loss.backward()
     if grad_clip > 0:
         nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
@@ -160,10 +164,20 @@ def train_loop(cfg: TrainConfig, out_dir: str | os.PathLike,
     out = Path(out_dir)
     chief = wctx.rank == 0
     device = wctx.device or resolve_device(cfg.device)
+    fastpath.check_precision(cfg.precision.value, device)
+    fastpath.configure_backends(cfg.cudnn_benchmark, cfg.deterministic)
     gen = _seed_everything(cfg, wctx.rank)
+    # per-step draws (exploration, augmentation, random starts) on the training device;
+    # on the CPU this is ``gen`` itself
+    dgen = fastpath.device_generator(gen, device, _rank_seed(cfg.seed, wctx.rank) + 2)
     splits = wctx.splits or load_splits(cfg.data)
     info = splits.info
+    data = fastpath.place_splits(splits, device, cfg.resident_data)  # train/val on device
     base = build_model(cfg.model.model, info, cfg.model.spectral_norm).to(device)
+    fastpath.prepare_model(base, channels_last=cfg.channels_last, compile=cfg.compile,
+                           precision=cfg.precision.value, device=device,
+                           sample=(data.x_train[:cfg.batch_size],
+                                   data.y_train[:cfg.batch_size]))
     counter = PassCounter(base)
     model = wctx.wrap_model(base)
     # identical initial weights on every rank, but each rank its own dropout stream (with
@@ -187,7 +201,7 @@ def train_loop(cfg: TrainConfig, out_dir: str | os.PathLike,
         base.load_state_dict(wctx.resume["model_state"])
         opt.load_state_dict(st["optimizer"])
         sched.load_state_dict(st["scheduler"])
-        _restore_rng(st, gen, wctx, device)
+        _restore_rng(st, gen, wctx, device, dgen)
         counter.fwd, counter.bwd = st["fwd_passes"], st["bwd_passes"]
         selector.load_state(st["selection"])
         totals.update(st.get("totals") or {})
@@ -209,10 +223,10 @@ def train_loop(cfg: TrainConfig, out_dir: str | os.PathLike,
         return model.no_sync() if hasattr(model, "no_sync") else contextlib.nullcontext()
 
     ctx = RegimeContext(cfg=cfg.regime, num_classes=info.num_classes, generator=gen,
-                        attack_mode=attack_mode, no_sync=no_sync)
+                        attack_mode=attack_mode, no_sync=no_sync, device_generator=dgen)
     flat = cfg.to_flat()
     writer = _tb_writer(out) if chief else None
-    gx, gy = splits.x_val[:256], splits.y_val[:256]
+    gx, gy = data.x_val[:256], data.y_val[:256]
     history: list[dict] = []
     budget_spent = bool(cfg.pass_budget) and counter.fwd + counter.bwd >= cfg.pass_budget
     t_start = time.perf_counter() - wall0
@@ -224,41 +238,34 @@ def train_loop(cfg: TrainConfig, out_dir: str | os.PathLike,
         model.train()
         perm = torch.randperm(len(splits.y_train), generator=torch.Generator().manual_seed(
             cfg.seed * 100003 + epoch))[wctx.rank::wctx.world_size][:per_rank]
-        sums = {"loss": 0.0, "n": 0, "reward": 0.0, "reward_n": 0,
-                "correct": 0, "clean_n": 0, "correct_adv": 0, "adv_n": 0}
-        for i in range(0, per_rank, cfg.batch_size):
+        perm = perm.to(data.x_train.device)  # resident data: batches gathered on the device
+        sums = fastpath.EpochSums(device)  # read once per epoch (no per-step host sync)
+        for step, i in enumerate(range(0, per_rank, cfg.batch_size)):
             if budget_spent:  # pass_budget reached: finish this (partial) epoch, then stop
                 break
             idx = perm[i:i + cfg.batch_size]
-            x, y = splits.x_train[idx].to(device), splits.y_train[idx].to(device)
+            x, y = data.x_train[idx].to(device), data.y_train[idx].to(device)
             if cfg.data.augment:
-                x = augment(x, gen)
-            loss_value, stats = train_step(model, loss_fn, x, y, ctx, opt, sched, cfg.grad_clip)
-            if not math.isfinite(loss_value):
-                raise DivergedError(f"training loss became {loss_value} in epoch {epoch} "
-                                    f"(regime {active}, lr={cfg.lr}); lower the learning rate "
-                                    "or enable --grad-clip", epoch=epoch)
+                x = augment(x, dgen)
+            x = fastpath.memory_format(x, cfg.channels_last)
+            loss_value, stats = train_step(model, loss_fn, x, y, ctx, opt, sched, cfg.grad_clip,
+                                           cfg.precision.value)
+            sums.add(loss_value, stats, y)
+            if (step + 1) % fastpath.FINITE_CHECK_STEPS == 0:
+                _check_finite(sums, epoch, active, cfg)
             if cfg.pass_budget:
                 spent = (counter.fwd + counter.bwd) * wctx.world_size  # all ranks alike
                 horizon["steps"] = min(cfg.epochs * steps_per_epoch, math.ceil(
                     cfg.pass_budget * sched.last_epoch / max(1, spent)))
                 budget_spent = spent >= cfg.pass_budget
-            sums["loss"] += loss_value * len(y)
-            for key, (c_key, n_key) in (("logits", ("correct", "clean_n")),
-                                        ("logits_adv", ("correct_adv", "adv_n"))):
-                if key in stats:
-                    sums[c_key] += int((stats[key].argmax(1) == y).sum())
-                    sums[n_key] += len(y)
-            sums["n"] += len(y)
-            if "reward" in stats:
-                sums["reward"] += stats["reward"] * len(y)
-                sums["reward_n"] += len(y)
+        _check_finite(sums, epoch, active, cfg)
+        sums = sums.read()
         model.eval()
         last_epoch = budget_spent or epoch == cfg.epochs - 1
         with counter.paused():  # compute figures count training passes only
-            val_acc = accuracy(model, splits.x_val, splits.y_val, cfg.eval_batch_size, device)
+            val_acc = accuracy(model, data.x_val, data.y_val, cfg.eval_batch_size, device)
             grad_norm = input_grad_norm(model, gx, gy, device)
-            sel = selector.measure(base, splits.x_val.to(device), splits.y_val.to(device),
+            sel = selector.measure(base, data.x_val.to(device), data.y_val.to(device),
                                    cfg.data.split_seed, cfg.eval_batch_size, epoch,
                                    force=epoch in wctx.robust_epochs)
         totals["select_fwd_passes"] += sel["select_fwd"] * wctx.world_size
@@ -291,7 +298,7 @@ def train_loop(cfg: TrainConfig, out_dir: str | os.PathLike,
                     " (kept)" if kept else "")
         # every rank's generators (dropout, exploration, augmentation, random starts),
         # gathered on the chief: a resumed rank continues its own streams
-        rng_states = rng.gather(rng.capture(gen, device), wctx.rank, wctx.world_size)
+        rng_states = rng.gather(rng.capture(gen, device, dgen), wctx.rank, wctx.world_size)
         if chief:
             state = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                      "rng": rng_states, "fwd_passes": counter.fwd,
@@ -320,20 +327,30 @@ def train_loop(cfg: TrainConfig, out_dir: str | os.PathLike,
                    wctx.final_test)
 
 
+def _check_finite(sums: fastpath.EpochSums, epoch: int, active: str, cfg: TrainConfig) -> None:
+    """Stop a diverged run (reads the epoch's loss sum: one host sync)."""
+    if not sums.loss_finite():
+        raise DivergedError(f"training loss became {float(sums.loss)} in epoch {epoch} "
+                            f"(regime {active}, lr={cfg.lr}); lower the learning rate "
+                            "or enable --grad-clip", epoch=epoch)
+
+
 def _restore_rng(st: dict, gen: torch.Generator, wctx: WorkerContext,
-                 device: torch.device) -> None:
+                 device: torch.device, dgen: torch.Generator | None = None) -> None:
     """This rank's generators from a ``last.pt`` train state (see :mod:`aerl_ray.rng`)."""
     states = st.get("rng")
     if states is not None and len(states) == wctx.world_size:
-        rng.restore(states[wctx.rank], gen, device)
+        rng.restore(states[wctx.rank], gen, device, dgen)
         return
     if states is not None:  # resumed with another number of workers: streams cannot match
         logger.warning("last.pt holds RNG states of %d workers, this run has %d: rank %d "
                        "continues from rank %d's streams with a rank-specific offset",
                        len(states), wctx.world_size, wctx.rank, wctx.rank % len(states))
-        rng.restore(states[wctx.rank % len(states)], gen, device)
+        rng.restore(states[wctx.rank % len(states)], gen, device, dgen)
         if wctx.rank >= len(states):
             gen.manual_seed(int(torch.randint(2**62, (1,), generator=gen)) + wctx.rank)
+            if dgen is not None and dgen is not gen:
+                dgen.manual_seed(int(torch.randint(2**62, (1,), generator=gen)) + wctx.rank)
         return
     # an older checkpoint: only the chief's seeded generator was saved
     logger.warning("last.pt has no per-rank RNG state (an older checkpoint): dropout and "
@@ -341,6 +358,8 @@ def _restore_rng(st: dict, gen: torch.Generator, wctx: WorkerContext,
     gen.set_state(st["generators"][0])
     if wctx.rank:
         gen.manual_seed(int(torch.randint(2**62, (1,), generator=gen)) + wctx.rank)
+    if dgen is not None and dgen is not gen:
+        dgen.manual_seed(int(torch.randint(2**62, (1,), generator=gen)) + wctx.rank)
 
 
 def _fmt(v: float | None) -> str:
@@ -415,7 +434,7 @@ def fit(cfg: TrainConfig, out_dir: str | os.PathLike, resume: bool = False,
             raise RunDirError(f"nothing to resume in {out} (no last.pt); run without --resume "
                               "to start a new run there")
         state = load_checkpoint(out / "last.pt")
-        diff = config_diff(state["config"], cfg.to_flat())
+        diff = config_diff(with_defaults(state["config"]), cfg.to_flat())
         if diff:
             raise RunDirError(f"{out}/last.pt was trained with different settings: {diff}; "
                               "resume with the original flags (see its config.json) or "
@@ -437,6 +456,12 @@ def fit(cfg: TrainConfig, out_dir: str | os.PathLike, resume: bool = False,
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(cfg.to_flat(), indent=1))
     return train_loop(cfg, out, WorkerContext(resume=state, splits=splits))
+
+
+def with_defaults(flat: dict) -> dict:
+    """A checkpoint's flat config with the fields added since it was written at their
+    defaults (which reproduce what such a run did), so it still compares equal."""
+    return {**TrainConfig().to_flat(), **flat}
 
 
 def config_diff(old: dict, new: dict) -> str:

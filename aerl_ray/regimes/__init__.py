@@ -39,7 +39,11 @@ class RegimeContext:
         cfg: the run's :class:`~aerl_ray.config.RegimeConfig`.
         num_classes: K.
         epoch: the current epoch (0-based).
-        generator: seeded CPU generator for exploration and random starts.
+        generator: the trial's seeded CPU generator.
+        device_generator: seeded generator on the training device for per-step draws
+            (exploration, random starts, projections) without a host sync; None: use
+            ``generator`` (on a CPU run the loop passes the same object).  Draw from
+            :attr:`rng`, with ``device=ctx.rng.device``.
         attack_mode: context manager from the training loop that puts the model in eval
             mode for an inner attack (BN statistics frozen), then restores the mode.
         no_sync: context manager for the forward and backward of a partial loss the
@@ -55,6 +59,12 @@ class RegimeContext:
     generator: torch.Generator = field(default_factory=lambda: torch.Generator().manual_seed(0))
     attack_mode: Callable[[], ContextManager] = contextlib.nullcontext
     no_sync: Callable[[], ContextManager] = contextlib.nullcontext
+    device_generator: torch.Generator | None = None
+
+    @property
+    def rng(self) -> torch.Generator:
+        """The generator of per-step draws: ``device_generator``, else ``generator``."""
+        return self.device_generator if self.device_generator is not None else self.generator
 
 
 # Import the families so their @REGIMES.register decorators run.

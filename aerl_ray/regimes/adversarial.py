@@ -39,7 +39,8 @@ from aerl_ray.regimes.supervised import ce_loss
 
 
 def _uniform(x: torch.Tensor, eps: float, g: torch.Generator) -> torch.Tensor:
-    return ((torch.rand(x.shape, generator=g) * 2 - 1) * eps).to(x.device, x.dtype)
+    return ((torch.rand(x.shape, generator=g, device=g.device) * 2 - 1) * eps).to(x.device,
+                                                                                  x.dtype)
 
 
 def pgd_linf_ce(model, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int,
@@ -63,7 +64,8 @@ def trades_perturb(model, x: torch.Tensor, eps: float, steps: int, step: float,
     x = x.detach()
     with torch.no_grad():
         p_nat = torch.softmax(model(x), dim=1)
-    x_adv = (x + 0.001 * torch.randn(x.shape, generator=g).to(x.device, x.dtype)).clamp(0, 1)
+    noise = torch.randn(x.shape, generator=g, device=g.device).to(x.device, x.dtype)
+    x_adv = (x + 0.001 * noise).clamp(0, 1)
     for _ in range(steps):
         x_adv.requires_grad_(True)
         kl = F.kl_div(F.log_softmax(model(x_adv), dim=1), p_nat, reduction="sum")
@@ -95,24 +97,24 @@ def adversarial_loss(base_loss, model, x, y, ctx):
         loss_adv, _ = base_loss(logits_adv, y, ctx)
         loss = c.adv_rate * loss_adv
         return loss, {"logits": logits.detach(), "logits_adv": logits_adv.detach(),
-                      "loss_value": float(loss_clean.detach() + loss.detach()), **stats}
+                      "loss_value": loss_clean.detach() + loss.detach(), **stats}
     if attack is AdvAttack.TRADES:
         with ctx.attack_mode():
             x_adv = trades_perturb(model, x, eps, c.adv_steps, c.adv_step_size * eps,
-                                   ctx.generator)
+                                   ctx.rng)
         logits = model(x)
         loss_clean, stats = base_loss(logits, y, ctx)
         logits_adv = model(x_adv)
         kl = trades_kl(logits, logits_adv)
         return loss_clean + c.trades_beta * kl, {
             "logits": logits.detach(), "logits_adv": logits_adv.detach(),
-            "kl": float(kl.detach()), **stats}
+            "kl": kl.detach(), **stats}
     if attack is AdvAttack.FGSM_RS:  # Wong et al.: the attack step in train mode
-        x_adv = pgd_linf_ce(model, x, y, eps, 1, 1.25 * eps, ctx.generator)
+        x_adv = pgd_linf_ce(model, x, y, eps, 1, 1.25 * eps, ctx.rng)
     else:
         with ctx.attack_mode():
             x_adv = pgd_linf_ce(model, x, y, eps, c.adv_steps, c.adv_step_size * eps,
-                                ctx.generator)
+                                ctx.rng)
     logits_adv = model(x_adv)
     loss, stats = base_loss(logits_adv, y, ctx)
     return loss, {"logits_adv": logits_adv.detach(), **stats}

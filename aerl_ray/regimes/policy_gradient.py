@@ -21,15 +21,18 @@ def sample_actions(logits: torch.Tensor, explore_eps: float, mode: ExploreMode,
                    generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample one action per row; returns ``(actions, explored_mask)`` on logits' device.
 
-    Sampling uses ``generator`` (CPU) so runs are reproducible on any device."""
+    The draws happen on ``generator``'s device: with a generator on the logits' device
+    (the training loop's ``ctx.rng``) nothing leaves the device; with a CPU generator the
+    probabilities are copied to the host (reproducible across devices, one sync)."""
     n, k = logits.shape
-    probs = torch.softmax(logits.detach().float(), dim=1).cpu()
+    dev = generator.device
+    probs = torch.softmax(logits.detach().float(), dim=1).to(dev)
     policy = torch.multinomial(probs, 1, generator=generator).squeeze(1)
-    uniform = torch.randint(0, k, (n,), generator=generator)
+    uniform = torch.randint(0, k, (n,), generator=generator, device=dev)
     if ExploreMode(mode) is ExploreMode.PER_BATCH:
-        explored = (torch.rand(1, generator=generator) < explore_eps).expand(n)
+        explored = (torch.rand(1, generator=generator, device=dev) < explore_eps).expand(n)
     else:
-        explored = torch.rand(n, generator=generator) < explore_eps
+        explored = torch.rand(n, generator=generator, device=dev) < explore_eps
     actions = torch.where(explored, uniform, policy)
     return actions.to(logits.device), explored.to(logits.device)
 
@@ -48,12 +51,13 @@ def pg_loss(logits: torch.Tensor, actions: torch.Tensor, r: torch.Tensor,
 
 
 def rl_base_loss(logits: torch.Tensor, y: torch.Tensor, ctx) -> tuple[torch.Tensor, dict]:
-    """Sample actions from ``logits`` and return the PG loss and the mean reward."""
+    """Sample actions from ``logits`` and return the PG loss and the mean reward (a 0-dim
+    tensor on the device: reading it is the loop's business, once per epoch)."""
     c = ctx.cfg
-    actions, explored = sample_actions(logits, c.explore_eps, c.explore_mode, ctx.generator)
+    actions, explored = sample_actions(logits, c.explore_eps, c.explore_mode, ctx.rng)
     r = rewards(actions, y, c.reward)
-    return pg_loss(logits, actions, r, c.baseline), {"reward": float(r.mean()),
-                                                     "explored": float(explored.float().mean())}
+    return pg_loss(logits, actions, r, c.baseline), {"reward": r.mean().detach(),
+                                                     "explored": explored.float().mean()}
 
 
 @REGIMES.register("rl")

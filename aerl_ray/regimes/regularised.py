@@ -82,7 +82,7 @@ def igr(model, x, y, ctx):
     (g,) = torch.autograd.grad(ce * x.shape[0], x, create_graph=True)
     penalty = g.pow(2).flatten(1).sum(1).mean()
     return ce + ctx.cfg.reg_lambda * penalty, {"logits": logits.detach(),
-                                               "grad_penalty": float(penalty.detach())}
+                                               "grad_penalty": penalty.detach()}
 
 
 @REGIMES.register("jacobian")
@@ -91,9 +91,10 @@ def jacobian(model, x, y, ctx):
     logits = model(x)
     ce = F.cross_entropy(logits, y)
     k = logits.shape[1]
-    v = torch.randn(logits.shape, generator=ctx.generator).to(logits.device, logits.dtype)
+    v = torch.randn(logits.shape, generator=ctx.rng, device=ctx.rng.device).to(logits.device,
+                                                                               logits.dtype)
     v = v / v.norm(dim=1, keepdim=True)
     (jv,) = torch.autograd.grad((logits * v).sum(), x, create_graph=True)
     frob = k * jv.pow(2).flatten(1).sum(1).mean()  # unbiased estimate of ||J||_F^2
     return ce + 0.5 * ctx.cfg.reg_lambda * frob, {"logits": logits.detach(),
-                                                  "jacobian_frob": float(frob.detach())}
+                                                  "jacobian_frob": frob.detach()}
