@@ -197,7 +197,9 @@ def test_square_counts_queries(sl_model, digits):
     x, y = digits.x_test[:8], digits.y_test[:8]
     r = run_attack("square", sl_model, x, y, Threat("linf", 0.1), n_queries=20,
                    resc_schedule=True)
-    assert 8 <= r.queries <= 8 * 22 + 16 and r.bwd_passes == 0
+    # <= 22 queries per example + the initial forwards, and one forward per example that
+    # reads the success mask on the returned points (counted: it is real work)
+    assert 8 <= r.queries <= 8 * 22 + 16 + 8 and r.bwd_passes == 0
 
 
 class NoisyLogits(nn.Module):
