@@ -414,7 +414,7 @@ class _Runner:
 
 def run_diagnostics(model: nn.Module, x: torch.Tensor, y: torch.Tensor, plan, *,
                     level: str = "cheap", eval_rows: Sequence[Mapping] = (),
-                    n: int = 0) -> DiagnosticsReport:
+                    n: int = 0, source: nn.Module | None = None) -> DiagnosticsReport:
     """Run the diagnostics of ``level`` for every norm of ``plan`` (an EvalPlan).
 
     Args:
@@ -424,6 +424,8 @@ def run_diagnostics(model: nn.Module, x: torch.Tensor, y: torch.Tensor, plan, *,
         level: ``cheap`` or ``full`` (``off`` returns an empty report).
         eval_rows: the evaluation's rows of this checkpoint (reused where possible).
         n: subset size (0 = the level's default), capped at ``len(x)``.
+        source: the transfer attack's source model, as the evaluation loaded it (else
+            ``plan.transfer_source`` is loaded when it is a checkpoint path).
     """
     check_level(level)
     rep = DiagnosticsReport(level)
@@ -433,7 +435,7 @@ def run_diagnostics(model: nn.Module, x: torch.Tensor, y: torch.Tensor, plan, *,
     was_training = model.training
     model.eval()
     try:
-        _run_all(rep, model, x, y, plan, eval_rows, n)
+        _run_all(rep, model, x, y, plan, eval_rows, n, source)
     finally:
         model.train(was_training)
     rep.seconds = time.perf_counter() - t0
@@ -486,7 +488,8 @@ def _plan_norm(prog: _Progress, norm: str, m: int, grid: Sequence[str], headline
 
 
 def _run_all(rep: DiagnosticsReport, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-             plan, eval_rows: Sequence[Mapping], n: int) -> None:
+             plan, eval_rows: Sequence[Mapping], n: int,
+             source: nn.Module | None = None) -> None:
     cfg = LEVEL_SETTINGS[rep.level]
     m = min(n or cfg.n, len(x))
     xs, ys, ids = x[:m], y[:m], torch.arange(m)
@@ -512,7 +515,7 @@ def _run_all(rep: DiagnosticsReport, model: nn.Module, x: torch.Tensor, y: torch
                       plan.seed)
         checks = _norm_checks(run, model, xs, ys, ids, norm, eps, grid,
                               _rows_by_budget(eval_rows, norm.value), eval_rows, cfg, plan,
-                              prog)
+                              prog, source)
         for name, c in checks.items():
             kind = "attack" if name in ATTACK_FINDINGS else "masking"
             rep.checks[f"{name}/{norm.value}"] = {"eps": eps, "eps_str": eps_str,
@@ -565,7 +568,7 @@ def _margin(c: Mapping) -> float:
 def _norm_checks(run: _Runner, model, xs, ys, ids, norm: Norm, eps: float,
                  grid: Sequence[str], rows: Mapping[float, Mapping[str, Mapping]],
                  eval_rows: Sequence[Mapping], cfg: Level, plan,
-                 prog: _Progress) -> dict[str, dict]:
+                 prog: _Progress, source: nn.Module | None = None) -> dict[str, dict]:
     m = len(xs)
     nv = norm.value
     out: dict[str, dict] = {}
@@ -713,7 +716,7 @@ def _norm_checks(run: _Runner, model, xs, ys, ids, norm: Norm, eps: float,
     prog.step(f"{nv} unbounded")
 
     # 4. eps = 0: each attack's own pipeline, then monotonicity (separate runs)
-    out["eps0_not_clean"] = _eps0_check(model, xs, ys, ids, norm, plan, cfg)
+    out["eps0_not_clean"] = _eps0_check(model, xs, ys, ids, norm, plan, cfg, source)
     prog.step(f"{nv} eps=0 runs")
     budgets = all_budgets
     if cfg.max_budgets and len(budgets) > cfg.max_budgets:
@@ -763,7 +766,7 @@ def _norm_checks(run: _Runner, model, xs, ys, ids, norm: Norm, eps: float,
 
 
 def _eps0_check(model: nn.Module, xs: torch.Tensor, ys: torch.Tensor, ids: torch.Tensor,
-                norm: Norm, plan, cfg: Level) -> dict:
+                norm: Norm, plan, cfg: Level, source: nn.Module | None = None) -> dict:
     """Each attack of the plan (and PGD), its own function at eps = 0 on the first
     ``eps0_n`` examples with its cheap settings: the output must stay at x (the eps = 0
     ball) and be classified as x is.  The evaluation never runs this (it returns the
@@ -781,13 +784,21 @@ def _eps0_check(model: nn.Module, xs: torch.Tensor, ys: torch.Tensor, ids: torch
         if "example_ids" in spec.param_names():
             params["example_ids"] = i0
         if name == "transfer":
-            src = params.get("source") or plan.transfer_source
-            if not src:
+            src = source if source is not None else (params.get("source")
+                                                     or plan.transfer_source)
+            if src is None or (isinstance(src, str) and not src):
                 notes.append("transfer: no source")
                 continue
-            from aerl_ray.attacks.transfer import load_source  # noqa: PLC0415
+            if not isinstance(src, nn.Module):
+                from aerl_ray.attacks.transfer import load_source  # noqa: PLC0415
+                from aerl_ray.checkpoint import CheckpointError  # noqa: PLC0415
 
-            params["source"] = load_source(src)[0].to(x0.device)
+                try:
+                    src = load_source(src)[0]
+                except CheckpointError as e:  # a label, not a path: say so, do not crash
+                    notes.append(f"transfer: source {src!r} not loadable here ({e})")
+                    continue
+            params["source"] = src.to(x0.device)
             params.pop("cache", None)
         try:
             r = spec.fn(model, x0, y0, threat, **params)

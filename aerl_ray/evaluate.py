@@ -247,7 +247,7 @@ def run_evaluation(target: "str | os.PathLike | dict | nn.Module", plan: EvalPla
     report = None
     if level != "off":
         report = run_diagnostics(model, x, y, plan, level=level, eval_rows=eval_rows,
-                                 n=plan.diagnostics_n)
+                                 n=plan.diagnostics_n, source=src)
         eval_rows += _worst_case_with_diagnostics(base, plan, broken_by_norm, report,
                                                   clean_acc)
     return Evaluation(eval_rows, ind_rows, report)

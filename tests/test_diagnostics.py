@@ -194,6 +194,20 @@ def test_run_evaluation_reuses_rows(digits, sl_model):
     assert (both["robust_acc"] < plain.loc[both.index, "robust_acc"] - 0.05).any()
 
 
+def test_transfer_source_named_by_a_label_as_in_a_sweep(digits, sl_model, tiny_model):
+    """A sweep's plan names its transfer source by a label ("sl_reference") and hands the
+    loaded model to the evaluation: the diagnostics' eps = 0 run of the transfer attack
+    uses that model (it used to load the label as a path and fail the trial)."""
+    p = plan(attacks=("pgd", "transfer"), transfer_source="sl_reference",
+             grids={"linf": ["0", "0.1"]})
+    ev = run_evaluation(tiny_model, p, data=(digits.x_test, digits.y_test), source=sl_model,
+                        source_label="sl_reference")
+    c = ev.diagnostics.checks["eps0_not_clean/Linf"]
+    assert "transfer" not in c["detail"] or "not loadable" not in c["detail"], c["detail"]
+    assert not c["flag"]
+    assert any(r["attack"] == "transfer:sl_reference" for r in ev.rows)
+
+
 def test_cli_writes_diagnostics(sl_checkpoint, tmp_path, capsys):
     out = tmp_path / "ev"
     rc = main([str(sl_checkpoint), "--attacks", "pgd,fgsm", "--eps", "0,0.05,0.1,0.2",
