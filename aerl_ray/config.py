@@ -206,7 +206,7 @@ class TrainConfig:
     select_eps: float = _help("budget of the robust selection PGD (0 = the adversarial "
                               "regime's adv_eps)", default=0.0)
     select_steps: int = _help("steps of the robust selection PGD", default=10)
-    select_n: int = _help("robust selection on the first N validation images (0 = all)",
+    select_n: int = _help("robust selection on a fixed seeded subset of N validation images (0 = all)",
                           default=256)
 
     precision: Precision = _help("training arithmetic: fp32, or bf16 autocast of the "

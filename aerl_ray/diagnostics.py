@@ -98,6 +98,7 @@ DIAG_PREFIX = "diag:"  # attack label of the diagnostics' own rows
 
 DIAGNOSTIC_COLUMNS: dict[str, str] = {
     "run_id": "sweep run id", "trial_id": "Tune trial id", "checkpoint": "checkpoint path",
+    "split": "the split the diagnostics' examples come from (val or test)",
     "check": "diagnostic name (see aerl_ray.diagnostics)", "norm": "Linf, L2 or '' ",
     "eps": "budget of the check's worst comparison (nan if none)", "level": "cheap or full",
     "value": "measured value (an accuracy, success rate or fraction)",

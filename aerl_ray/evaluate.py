@@ -479,7 +479,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sorted budget grid, e.g. 0,1/255,8/255; with several norms give "
                         "it per norm: --eps linf:0,8/255 --eps l2:0,0.5 (default: "
                         "linf 0..16/255, l2 0..2.0)")
-    p.add_argument("--n", type=int, default=1000, help="first n test images (0 = all)")
+    p.add_argument("--n", type=int, default=1000,
+                   help="first n images of the --split (0 = all; default 1000)")
     p.add_argument("--batch-size", type=int, default=500)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=None, help="PGD steps (default 50)")
@@ -598,7 +599,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"wrote {len(rows)} rows to {out / 'evals.parquet'} and {len(ind)} to "
               f"{out / 'indicators.parquet'}")
         if diag is not None:
-            base = {"run_id": args.run_id, "trial_id": args.trial_id,
+            base = {"run_id": args.run_id, "trial_id": args.trial_id, "split": args.split,
                     "checkpoint": rows[0]["checkpoint"] if rows else args.checkpoint}
             append_rows(out / "diagnostics.parquet", diag.rows(**base))
             (out / "diagnostics.json").write_text(json.dumps(

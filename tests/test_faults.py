@@ -2,7 +2,7 @@
 trials, crashes mid-write, tampered checkpoints, evaluator memory over many jobs.
 
 A SIGKILLed sweep driver resuming with ``--resume`` is covered by
-``tests/test_sweep.py::test_killed_driver_resumes_without_losing_or_repeating_trials``.
+``tests/test_sweep.py::test_killed_and_interrupted_sweep_resumes_exactly``.
 Processes are killed from outside (``os.kill`` on pids found through the State API or an
 actor's ``info()``), so the library has no test-only hooks.
 """
