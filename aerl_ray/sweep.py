@@ -240,9 +240,13 @@ def _tune_env():
     """Tune settings of the sweep's Tuner only (restored after, for library callers):
     the driver handles Ctrl-C itself; the live view (aerl_ray.progress) replaces Tune's
     output, whose new engine prints an experiment box and a TensorBoard hint into Ray's
-    temp dir even at verbose=0; TensorBoard is written by aerl_ray.tbwriter."""
+    temp dir even at verbose=0; TensorBoard is written by aerl_ray.tbwriter; Tune's
+    experiment-state snapshots are not what resume reads (the ledger is), so their
+    "snapshotting triggered multiple times" warning, which broke into the live table, is
+    off."""
     want = {"TUNE_DISABLE_SIGINT_HANDLER": "1", "RAY_AIR_NEW_OUTPUT": "0",
-            "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1"}
+            "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",
+            "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0"}
     old = {k: os.environ.get(k) for k in want}
     os.environ.update(want)
     try:
