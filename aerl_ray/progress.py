@@ -139,11 +139,14 @@ def render(board: Board, now: float | None = None) -> str:
 
 
 def _rich_table(board: Board):
+    """The header line (never wrapped to the table's width) above the table; called on
+    every refresh, so elapsed time and ETA move between trial events too."""
+    from rich.console import Group
     from rich.table import Table
+    from rich.text import Text
 
     cols, body = rows(board)
-    t = Table(title=header(board), title_justify="left", box=None, pad_edge=False,
-              header_style="bold")
+    t = Table(box=None, pad_edge=False, header_style="bold")
     for c in cols:
         t.add_column(c, no_wrap=True)
     style = {"COMPLETE": "green", "PRUNED": "yellow", "FAILED": "red", "RUNNING": "cyan",
@@ -151,7 +154,7 @@ def _rich_table(board: Board):
     for r in body:
         status = r[cols.index("status")]
         t.add_row(*r, style=style.get(status))
-    return t
+    return Group(Text(header(board), no_wrap=True, overflow="ellipsis"), t)
 
 
 def resolve_mode(mode: str, stream=None) -> str:
@@ -178,8 +181,8 @@ def progress_callback(board: Board, mode: str, ledger=None, console=None):
                 from rich.console import Console
                 from rich.live import Live
 
-                self.live = Live(_rich_table(board), console=console or Console(),
-                                 refresh_per_second=2, transient=False)
+                self.live = Live(console=console or Console(), refresh_per_second=2,
+                                 transient=False, get_renderable=lambda: _rich_table(board))
                 self.live.start()
 
         def _view(self, trial) -> TrialView:
