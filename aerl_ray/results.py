@@ -419,8 +419,9 @@ def read_table(table_dir: str | os.PathLike, key: Sequence[str] | None = None) -
 def compact_table(table_dir: str | os.PathLike, table: Table,
                   keep: Callable[[pd.DataFrame], "pd.Series | np.ndarray"] | None = None
                   ) -> int:
-    """Rewrite a table as one part with one row per key (the last written), optionally
-    dropping rows (``keep(df)`` is a boolean mask of rows to keep); returns the row count.
+    """Rewrite a table as one part with one row per key (the last written), sorted by the
+    key (trial t0000 before t0001, whatever order they finished in), optionally dropping
+    rows (``keep(df)`` is a boolean mask of rows to keep); returns the row count.
 
     Crash-safe: the new part is written (atomically) before the old parts are removed, and
     it sorts after them, so a reader that dedups by key sees the same rows at any moment."""
@@ -431,9 +432,13 @@ def compact_table(table_dir: str | os.PathLike, table: Table,
     df = read_table(d, key=list(table.key))
     if keep is not None and len(df):
         df = df[np.asarray(keep(df), dtype=bool)]
+    key = [k for k in table.key if k in df.columns]
+    if key and len(df):
+        df = df.sort_values(key, kind="stable", na_position="last")
     if len(old) == 1 and len(df) == len(pd.read_parquet(old[0])) and keep is None \
-            and pq.read_schema(old[0]).equals(table.schema(), check_metadata=False):
-        return len(df)  # already compact
+            and pq.read_schema(old[0]).equals(table.schema(), check_metadata=False) \
+            and df.index.is_monotonic_increasing:
+        return len(df)  # already compact (and in key order)
     rows = df.to_dict("records")
     t = _arrow_table([{k: v for k, v in r.items() if k in table.columns} for r in rows],
                      table) if rows else table.schema().empty_table()
