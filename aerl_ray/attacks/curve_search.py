@@ -1,0 +1,275 @@
+"""Robustness curves by a per-example search over the budget grid, and their audit.
+
+Why.  The exact curve (``pgd(curve="exact")``, :func:`aerl_ray.attacks.pgd.pgd_grid`) is the
+per-example running minimum of separate runs: an example still robust at a budget must be
+attacked again, for the full number of steps, at the next one.  Most examples of a real
+curve are robust at most budgets, and a robust (example, budget) pair is the expensive
+kind (all steps, no early exit; a broken pair exits early), so the exact curve costs
+about K separate runs on a K-budget grid.
+
+The search.  A working attack is monotone in the budget: an example a run cannot break
+at eps is not broken by a run at a smaller eps, and one broken at eps is broken at every
+larger eps by the same perturbation.  So per example the curve is fixed by one number,
+its breaking budget, and a search over the grid finds it:
+
+- probe the largest undecided budget (``order="descending"``; ``"bisect"`` probes the
+  middle one instead);
+- broken there => broken at every larger budget (the same point; exact, as in the exact
+  curve); go to the next smaller budget, starting PGD from the adversarial point just
+  found, projected into the smaller ball (a "warm start": the perturbation is usually
+  still close to the decision boundary, so the pair often breaks in a few steps);
+- robust there => counted robust at every smaller budget without attacking them.  This
+  inference is the only difference from the exact curve, and the audit measures it.
+
+Descending is the order of least work for the usual shape of a curve: every example costs
+at most one robust probe (at the largest budget where it survives), and broken probes are
+cheap.  Bisection needs fewer probes for examples that break at a small budget but pays
+up to log2(K) robust probes; the benchmark compares both.
+
+The audit.  A row cannot know its disagreement with separate runs without doing them,
+so the search re-attacks a seeded random sample of the (example, budget) pairs it counts
+as robust with exactly the separate run (:func:`aerl_ray.attacks.pgd.pgd_core` at that
+budget, same seed and example ids) and reports the fraction broken with its 95% Wilson
+upper bound, scaled to all (example, nonzero budget) pairs of the curve -- the same
+definition as the benchmark's disagreement.  Pairs the audit breaks are fixed in the
+returned curve (their perturbation is valid), so the estimate is of the remaining
+disagreement among the unaudited robust pairs.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+CURVE_MODES = ("exact", "search")
+BRACKETS = ("fmn", "fmn-guide", "none")
+SEARCH_ORDERS = ("descending", "bisect")
+DEFAULT_CURVE = "search"
+DEFAULT_AUDIT = 100
+DEFAULT_BRACKET = "fmn"
+BRACKET_STEPS = 10  # FMN steps of the bracket: 10 match PGD-50's curve on digits
+
+# status of an (example, budget) pair in pgd_grid; ROBUST/BROKEN were attacked, DROPPED is
+# broken by a smaller budget's point, INFERRED is robust because a larger budget is
+PENDING, ACTIVE, ROBUST, BROKEN, DROPPED, INFERRED = range(6)
+
+
+def check_curve_params(curve: str, audit: int, bracket: str = DEFAULT_BRACKET) -> None:
+    """Refuse unknown curve modes/brackets and negative or non-integer audit sizes."""
+    if curve not in CURVE_MODES:
+        raise ValueError(f"curve={curve!r}; known: {', '.join(CURVE_MODES)}")
+    if bracket not in BRACKETS:
+        raise ValueError(f"bracket={bracket!r}; known: {', '.join(BRACKETS)}")
+    if isinstance(audit, bool) or not isinstance(audit, int) or audit < 0:
+        raise ValueError(f"audit={audit!r} must be an integer >= 0 (pairs re-attacked)")
+
+
+def next_budget(status: torch.Tensor, order: str,
+                guess: torch.Tensor | None = None) -> torch.Tensor:
+    """Per example (rows of ``status`` (n, nb)), the budget index to attack next.
+
+    ``ascending`` (the exact curve): the smallest pending budget.  In a search the
+    pending budgets of an example are a contiguous run between its highest robust and
+    lowest broken budget; ``descending`` probes ``guess`` first (when given and still
+    pending: a minimum-norm attack's estimate of the breaking budget), else the largest
+    pending budget, and after a robust probe climbs from the smallest pending one;
+    ``bisect`` probes the upper middle.  Rows with nothing pending get an arbitrary
+    index."""
+    pend = (status == PENDING).to(torch.uint8)
+    first = pend.argmax(1)
+    if order == "ascending":
+        return first
+    last = status.shape[1] - 1 - pend.flip(1).argmax(1)
+    if order == "bisect":
+        return (first + last + 1) // 2
+    if order != "descending":
+        raise ValueError(f"order={order!r}; known: ascending, {', '.join(SEARCH_ORDERS)}")
+    robust = (status == ROBUST).any(1)
+    nxt = torch.where(robust, first, last)
+    if guess is not None:
+        probed = robust | (status == BROKEN).any(1)
+        at = guess.clamp(0, status.shape[1] - 1)
+        use = ~probed & (guess >= 0) & (status.gather(1, at[:, None]).squeeze(1) == PENDING)
+        nxt = torch.where(use, at, nxt)
+    return nxt
+
+
+def settle(status: torch.Tensor, fi: torch.Tensor, fk: torch.Tensor, ok: torch.Tensor,
+           search: bool) -> None:
+    """Record finished pairs (example ``fi``, budget ``fk``; ``ok`` = still classified
+    correctly) in ``status`` (n, nb) and what they imply for the example's other pairs:
+    broken => every larger pending/active pair is DROPPED (broken by the same point);
+    in a search, robust => every smaller pending pair is INFERRED robust."""
+    n, nb = status.shape
+    status[fi, fk] = torch.where(ok, ROBUST, BROKEN).to(status.dtype)
+    col = torch.arange(nb)[None, :]
+    if bool((~ok).any()):
+        low = torch.full((n,), nb, dtype=torch.long)
+        low.scatter_reduce_(0, fi[~ok], fk[~ok], "amin")
+        open_ = (status == PENDING) | (status == ACTIVE)
+        status[(col > low[:, None]) & open_] = DROPPED
+    if search and bool(ok.any()):
+        high = torch.full((n,), -1, dtype=torch.long)
+        high.scatter_reduce_(0, fi[ok], fk[ok], "amax")
+        status[(col < high[:, None]) & (status == PENDING)] = INFERRED
+
+
+def wilson_upper(k: int, n: int, z: float = 1.96) -> float:
+    """Upper end of the 95% Wilson score interval of k/n (nan for n = 0); the same
+    formula as :func:`aerl_ray.results.wilson_interval`, repeated here so the attacks
+    do not import pandas."""
+    if n <= 0:
+        return float("nan")
+    p = k / n
+    den = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / den
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
+    return min(1.0, centre + half)
+
+
+def sample_pairs(robust: torch.Tensor, size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A seeded uniform sample, without replacement, of ``size`` True cells of ``robust``
+    (n, nb): (example indices, budget indices)."""
+    cells = robust.nonzero()
+    gen = torch.Generator().manual_seed(0x5EA7C4 + 7919 * int(seed))
+    pick = torch.randperm(len(cells), generator=gen)[:size]
+    pick = pick.sort().values
+    return cells[pick, 0], cells[pick, 1]
+
+
+@dataclass
+class AuditReport:
+    """The outcome of a curve's spot-check audit.
+
+    Attributes:
+        mode: ``exact`` (disagreement 0 by construction, nothing audited) or ``search``.
+        audited: robust pairs re-attacked by a separate run.
+        breaks: audited pairs the separate run broke.
+        unaudited_robust: robust pairs of the returned curve the audit did not cover.
+        total_pairs: (example, nonzero budget) pairs of the curve.
+        per_budget: budget index -> (audited, breaks).
+    """
+
+    mode: str
+    audited: int = 0
+    breaks: int = 0
+    unaudited_robust: int = 0
+    total_pairs: int = 0
+    per_budget: dict[int, tuple[int, int]] | None = None
+
+    @property
+    def estimate(self) -> float:
+        """Estimated fraction of all pairs where a separate run breaks an example the
+        returned curve counts as robust."""
+        if self.mode == "exact":
+            return 0.0
+        if self.unaudited_robust == 0:
+            return 0.0
+        if self.audited == 0 or self.total_pairs == 0:
+            return float("nan")
+        return self.breaks / self.audited * self.unaudited_robust / self.total_pairs
+
+    @property
+    def upper(self) -> float:
+        """95% Wilson upper bound of :attr:`estimate`."""
+        if self.mode == "exact" or self.unaudited_robust == 0:
+            return 0.0
+        if self.audited == 0 or self.total_pairs == 0:
+            return float("nan")
+        return wilson_upper(self.breaks, self.audited) * self.unaudited_robust / self.total_pairs
+
+    def extra(self, k: int | None) -> dict:
+        """The entries of one row's ``AttackResult.extra`` (``k``: the row's budget index,
+        None for eps = 0)."""
+        a, b = (self.per_budget or {}).get(k, (0, 0)) if k is not None else (0, 0)
+        return {"curve": self.mode, "disagreement_audit": self.estimate,
+                "disagreement_upper": self.upper, "audited_pairs": self.audited,
+                "audit_breaks": self.breaks, "audited_here": a, "audit_breaks_here": b}
+
+
+def curve_broken(status: torch.Tensor) -> torch.Tensor:
+    """(n, nb) bool: broken at a budget iff some pair at that or a smaller budget was
+    broken (the curve's running minimum)."""
+    return (status == BROKEN).to(torch.uint8).cummax(1).values.bool()
+
+
+def audit_curve(model, x: torch.Tensor, y: torch.Tensor, norm, budgets: list[float],
+                status: torch.Tensor, xb: torch.Tensor, best: torch.Tensor,
+                fwd: torch.Tensor, bwd: torch.Tensor, pc, report: "AuditReport", size: int,
+                seed: int, separate) -> None:
+    """Re-attack ``size`` seeded robust pairs of a search curve with ``separate(ii, k) ->
+    (x_adv, best_loss)`` -- the run a separate call at budget k makes -- and decide
+    success as :func:`~aerl_ray.attacks.base.run_attack` does (a fresh forward pass of
+    the projected point).  Records counts in ``report``, charges the passes to budget k
+    in ``fwd``/``bwd`` and fixes the breaks in ``status``/``xb``/``best`` (broken there,
+    hence at every larger budget)."""
+    from aerl_ray.attacks.threat import Threat  # noqa: PLC0415
+
+    robust = ~curve_broken(status)
+    audited = torch.zeros_like(robust)
+    report.per_budget = {}
+    ai, ak = sample_pairs(robust, size, seed) if size else (torch.zeros(0, dtype=torch.long),) * 2
+    for k in ak.unique().tolist():
+        ii = ai[ak == k]
+        ii_d = ii.to(x.device)
+        threat = Threat(norm, budgets[k])
+        f0, b0 = pc.fwd, pc.bwd
+        xa, bl = separate(ii, k)
+        pts = threat.project(xa, x[ii_d])
+        with torch.no_grad():
+            broke = (model(pts).argmax(1) != y[ii_d]).cpu()
+        fwd[k] += pc.fwd - f0
+        bwd[k] += pc.bwd - b0
+        audited[ii, k] = True
+        report.per_budget[k] = (len(ii), int(broke.sum()))
+        report.audited += len(ii)
+        report.breaks += int(broke.sum())
+        if bool(broke.any()):
+            bd = broke.to(x.device)
+            status[ii[broke], k] = BROKEN
+            xb[k, ii_d[bd]] = pts[bd]
+            best[k, ii_d[bd]] = bl[broke].to(best.device, best.dtype)
+    report.unaudited_robust = int((~curve_broken(status) & ~audited).sum())
+
+
+def fmn_bracket(model, x: torch.Tensor, y: torch.Tensor, norm, budgets: list[float],
+                status: torch.Tensor, xb: torch.Tensor, best: torch.Tensor, loss_fn,
+                steps: int, batch_size: int, evidence: bool = True) -> torch.Tensor:
+    """Seed a search with one FMN run (:func:`aerl_ray.attacks.fmn.fmn_core`): an example
+    whose smallest adversarial point found has norm <= budgets[k] is broken at k (that
+    point, projected into the ball and confirmed by a fresh forward pass, is the
+    evidence) and so at every larger budget; the search then starts just below k.
+    Updates ``status``/``xb``/``best`` in place; returns the examples bracketed."""
+    from aerl_ray.attacks.fmn import fmn_core  # noqa: PLC0415  (fmn imports the registry)
+    from aerl_ray.attacks.threat import project_rows  # noqa: PLC0415
+
+    guess = torch.full((len(x),), -1, dtype=torch.long)
+    todo = (status == PENDING).all(1).nonzero().view(-1)
+    if len(todo) == 0:
+        return guess
+    dev = x.device
+    td = todo.to(dev)
+    x_min, n_min = fmn_core(model, x[td], y[td], norm, steps=steps, batch_size=batch_size)
+    eps = torch.tensor(budgets, dtype=torch.float64)
+    k = torch.searchsorted(eps, n_min.double())  # first budget >= the norm
+    hit = torch.isfinite(n_min) & (k < len(budgets))
+    guess[todo[hit]] = k[hit]
+    if not evidence or not bool(hit.any()):
+        return guess
+    ii, kk = todo[hit], k[hit]
+    ii_d, kk_d = ii.to(dev), kk.to(dev)
+    pts = project_rows(norm, x_min[hit.to(dev)], x[ii_d], eps[kk].to(dev, x.dtype))
+    with torch.no_grad():
+        logits = torch.cat([model(pts[b:b + batch_size]) for b in range(0, len(pts), batch_size)])
+    broke = logits.argmax(1) != y[ii_d]
+    bd = broke
+    broke = broke.cpu()
+    xb[kk_d[bd], ii_d[bd]] = pts[bd]
+    best[kk_d[bd], ii_d[bd]] = loss_fn(logits, y[ii_d]).detach()[bd]
+    settle(status, ii[broke], kk[broke], torch.zeros(int(broke.sum()), dtype=torch.bool),
+           search=True)
+    return guess
