@@ -239,11 +239,14 @@ def audit_curve(model, x: torch.Tensor, y: torch.Tensor, norm, budgets: list[flo
 def fmn_bracket(model, x: torch.Tensor, y: torch.Tensor, norm, budgets: list[float],
                 status: torch.Tensor, xb: torch.Tensor, best: torch.Tensor, loss_fn,
                 steps: int, batch_size: int, evidence: bool = True) -> torch.Tensor:
-    """Seed a search with one FMN run (:func:`aerl_ray.attacks.fmn.fmn_core`): an example
-    whose smallest adversarial point found has norm <= budgets[k] is broken at k (that
-    point, projected into the ball and confirmed by a fresh forward pass, is the
-    evidence) and so at every larger budget; the search then starts just below k.
-    Updates ``status``/``xb``/``best`` in place; returns the examples bracketed."""
+    """Seed a search with one FMN run (:func:`aerl_ray.attacks.fmn.fmn_core`).
+
+    Returns the guess per example: the smallest budget index that holds its smallest
+    adversarial point (-1: none found within the grid).  With ``evidence``, the example
+    is also broken at the smallest budget where that point, projected into the ball,
+    fools the model (checked by forward passes, budgets up to the guess) -- and so at
+    every larger budget; the search then starts just below.  Updates
+    ``status``/``xb``/``best`` in place."""
     from aerl_ray.attacks.fmn import fmn_core  # noqa: PLC0415  (fmn imports the registry)
     from aerl_ray.attacks.threat import project_rows  # noqa: PLC0415
 
@@ -252,24 +255,32 @@ def fmn_bracket(model, x: torch.Tensor, y: torch.Tensor, norm, budgets: list[flo
     if len(todo) == 0:
         return guess
     dev = x.device
-    td = todo.to(dev)
-    x_min, n_min = fmn_core(model, x[td], y[td], norm, steps=steps, batch_size=batch_size)
+    x_min, n_min = fmn_core(model, x[todo.to(dev)], y[todo.to(dev)], norm, steps=steps,
+                            batch_size=batch_size)
     eps = torch.tensor(budgets, dtype=torch.float64)
     k = torch.searchsorted(eps, n_min.double())  # first budget >= the norm
     hit = torch.isfinite(n_min) & (k < len(budgets))
     guess[todo[hit]] = k[hit]
-    if not evidence or not bool(hit.any()):
+    if not evidence:
         return guess
-    ii, kk = todo[hit], k[hit]
-    ii_d, kk_d = ii.to(dev), kk.to(dev)
-    pts = project_rows(norm, x_min[hit.to(dev)], x[ii_d], eps[kk].to(dev, x.dtype))
-    with torch.no_grad():
-        logits = torch.cat([model(pts[b:b + batch_size]) for b in range(0, len(pts), batch_size)])
-    broke = logits.argmax(1) != y[ii_d]
-    bd = broke
-    broke = broke.cpu()
-    xb[kk_d[bd], ii_d[bd]] = pts[bd]
-    best[kk_d[bd], ii_d[bd]] = loss_fn(logits, y[ii_d]).detach()[bd]
-    settle(status, ii[broke], kk[broke], torch.zeros(int(broke.sum()), dtype=torch.bool),
+    ii, kk, xm = todo[hit], k[hit], x_min[hit.to(dev)]
+    first = torch.full((len(ii),), -1, dtype=torch.long)
+    for j in range(len(budgets)):
+        sel = ((kk >= j) & (first < 0)).nonzero().view(-1)
+        if len(sel) == 0:
+            continue
+        rows, sd = ii[sel].to(dev), sel.to(dev)
+        pts = project_rows(norm, xm[sd], x[rows], eps[[j] * len(sel)].to(dev, x.dtype))
+        with torch.no_grad():
+            logits = torch.cat([model(pts[b:b + batch_size])
+                                for b in range(0, len(pts), batch_size)])
+        fool = logits.argmax(1) != y[rows]
+        if bool(fool.any()):
+            fd = fool
+            xb[j, rows[fd]] = pts[fd]
+            best[j, rows[fd]] = loss_fn(logits, y[rows]).detach()[fd]
+            first[sel[fool.cpu()]] = j
+    got = first >= 0
+    settle(status, ii[got], first[got], torch.zeros(int(got.sum()), dtype=torch.bool),
            search=True)
     return guess
