@@ -26,6 +26,7 @@ these small models.
 
     python bench/attacks.py [--n 360] [--steps 50] [--repeats 3] [--curve-repeats 1]
                             [--models sl,rl,sl_adv] [--norms linf,l2] [--skip-throughput]
+                            [--ablation]
 """
 from __future__ import annotations
 
@@ -96,6 +97,10 @@ def main(argv=None) -> None:
     ap.add_argument("--norms", default="linf,l2")
     ap.add_argument("--audit", type=int, default=100, help="audit pairs of the search")
     ap.add_argument("--skip-throughput", action="store_true", help="part 2 only")
+    ap.add_argument("--ablation", action="store_true",
+                    help="part 2 also runs the search's variants once each (work and "
+                         "disagreement, no audit): bracket none/fmn-guide, bisection, "
+                         "warm starts")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (0 = default)")
     args = ap.parse_args(argv)
     if args.threads:
@@ -163,6 +168,27 @@ def _interleaved(runs: dict, repeats: int) -> tuple[dict, dict, dict]:
             {k: statistics.median(v) for k, v in cpu.items()}, res)
 
 
+ABLATION = {"no audit": {},
+            "bracket none": {"bracket": "none"},
+            "bracket fmn-guide": {"bracket": "fmn-guide"},
+            "bisect, no bracket": {"bracket": "none", "order": "bisect"},
+            "warm replace, no bracket": {"bracket": "none", "warm": "replace"},
+            "warm replace + fmn": {"warm": "replace"}}
+
+
+def _ablation(model, x, y, norm, grid, kw, sep, running, sep_work) -> None:
+    """Variants of the search, once each, without the audit: work / separate runs'
+    work, disagreement and pairs stronger than every separate run."""
+    from aerl_ray.attacks.pgd import pgd_grid
+
+    for name, opts in ABLATION.items():
+        res = pgd_grid(model, x, y, norm, grid, curve="search", audit=0, **kw, **opts)
+        c = torch.stack([r.success for r in res[1:]], 1)
+        w = sum(r.fwd_passes + r.bwd_passes for r in res)
+        print(f"        ablation {name:<26} work {w / sep_work:.3f}  disagree "
+              f"{float((sep & ~c).float().mean()):.2%}  stronger {int((c & ~running).sum())}")
+
+
 def curves(splits, args) -> None:
     x, y = splits.x_test[:args.n], splits.y_test[:args.n]
     print(f"\n2. 6-budget curves vs 6 separate runs: {args.steps} PGD steps, seed 0, "
@@ -204,6 +230,8 @@ def curves(splits, args) -> None:
                       f"({int((sep & ~srch).sum())}/{sep.numel()}) | {stronger} | "
                       f"{ex['disagreement_audit']:.2%}/{ex['disagreement_upper']:.2%} "
                       f"({ex['audit_breaks']}/{ex['audited_pairs']})")
+                if args.ablation:
+                    _ablation(model, x, y, norm, grid, kw, sep, running, work["separate"])
                 print(f"        robust acc separate {[round(r.robust_acc, 3) for r in res['separate']]}"
                       f"  search {[round(r.robust_acc, 3) for r in res['search']]}"
                       f"  (exact == running minimum of separate: {same})")

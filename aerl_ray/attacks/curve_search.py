@@ -5,35 +5,37 @@ per-example running minimum of separate runs: an example still robust at a budge
 attacked again, for the full number of steps, at the next one.  Most examples of a real
 curve are robust at most budgets, and a robust (example, budget) pair is the expensive
 kind (all steps, no early exit; a broken pair exits early), so the exact curve costs
-about K separate runs on a K-budget grid.
+about K separate runs on a K-budget grid (bench/attacks.py: 0.99 on the standard grid).
 
-The search.  A working attack is monotone in the budget: an example a run cannot break
-at eps is not broken by a run at a smaller eps, and one broken at eps is broken at every
-larger eps by the same perturbation.  So per example the curve is fixed by one number,
-its breaking budget, and a search over the grid finds it:
+The search (``curve="search"``, the default).  A working attack is monotone in the
+budget: a run that cannot break an example at eps does not break it at a smaller eps,
+and a point that breaks it at eps breaks it at every larger eps.  So per example the
+curve is fixed by one number, its breaking budget, and a search finds it:
 
-- probe the largest undecided budget (``order="descending"``; ``"bisect"`` probes the
-  middle one instead);
-- broken there => broken at every larger budget (the same point; exact, as in the exact
-  curve); go to the next smaller budget, starting PGD from the adversarial point just
-  found, projected into the smaller ball (a "warm start": the perturbation is usually
-  still close to the decision boundary, so the pair often breaks in a few steps);
-- robust there => counted robust at every smaller budget without attacking them.  This
-  inference is the only difference from the exact curve, and the audit measures it.
+1. bracket (``bracket="fmn"``): one 10-step FMN run (a minimum-norm attack,
+   :mod:`aerl_ray.attacks.fmn`) gives each example a small adversarial point; the
+   smallest budget whose ball holds it (or a projection of it that still fools the
+   model) is broken -- exactly, by that point -- and so is every larger budget;
+2. probe, one budget per example at a time, each probe exactly the separate PGD run at
+   its budget: the largest undecided budget first (``order="descending"``), so broken
+   probes walk down from the bracket and the first robust probe ends the search;
+   broken => every larger budget broken (exact); robust => every smaller budget counted
+   robust without an attack -- the one inference the exact curve does not make;
+3. audit: re-attack a seeded random sample of the (example, budget) pairs the curve
+   counts as robust with the separate run (same seed and example ids), fix the breaks
+   it finds (valid points) and report the observed fraction with its 95% Wilson upper
+   bound, scaled to all (example, nonzero budget) pairs -- the definition of the
+   benchmark's disagreement -- in every result's ``extra``.
 
-Descending is the order of least work for the usual shape of a curve: every example costs
-at most one robust probe (at the largest budget where it survives), and broken probes are
-cheap.  Bisection needs fewer probes for examples that break at a small budget but pays
-up to log2(K) robust probes; the benchmark compares both.
-
-The audit.  A row cannot know its disagreement with separate runs without doing them,
-so the search re-attacks a seeded random sample of the (example, budget) pairs it counts
-as robust with exactly the separate run (:func:`aerl_ray.attacks.pgd.pgd_core` at that
-budget, same seed and example ids) and reports the fraction broken with its 95% Wilson
-upper bound, scaled to all (example, nonzero budget) pairs of the curve -- the same
-definition as the benchmark's disagreement.  Pairs the audit breaks are fixed in the
-returned curve (their perturbation is valid), so the estimate is of the remaining
-disagreement among the unaudited robust pairs.
+Why this order and these options (bench/attacks.py and NOTES-issue15-curve.md give the
+numbers): descending costs each example at most one robust probe; bisection pays up to
+log2(K) of them (0.41 vs 0.22 of separate runs on the standard L-inf grid).  Without the
+bracket, wide grids pay for a walk of broken probes down to the breaking budget (0.65
+of separate runs on the wide L-inf grid; 0.48 with FMN).  ``"fmn-guide"`` uses FMN only to
+choose the first probe, so the curve is PGD's alone (cost between the two).  Starting a
+probe from the projected point of the broken budget above (``warm="replace"``) saves
+10-20% but disagrees with separate runs 3-9 times in 1,000 pairs (a projected point is
+a worse start than the separate run's random one), so it is off.
 """
 from __future__ import annotations
 
