@@ -5,27 +5,39 @@
    size (L-inf, random start, [0, 1] clipping).  Target >= 1.0.  Ours is shown with its
    default early exit (a fooled example leaves the batch) and without it (pure per-step
    cost); robust accuracies are printed next to the times.
-2. Many budgets in one pass: ``pgd_curve`` (the default path: ``robustness_curve`` ->
-   ``pgd_grid``, all budgets' (example, budget) pairs batched in one loop) over a
-   6-budget grid / 6 separate ``pgd`` runs (same seeds).  Per example, the curve equals
-   the running minimum of the separate runs (checked and printed).  Target <= 0.35.
-   Also shown: the budget-by-budget loop (``one_loop=False``), separate runs without
-   early exit (conventional full-length PGD), and the work -- backward example-passes --
-   of each, since on a CPU a pass costs in proportion to its rows: the time ratio cannot
-   go below the work ratio, and the work of an exact curve cannot go below the budget
-   loop's (every still-robust example must be attacked at the next budget).
+2. Robustness curves over a 6-budget grid vs 6 separate ``pgd`` runs (same seed), on SL,
+   RL and adversarially trained (``sl_adv``, PGD inner attack) cnn4 models on digits,
+   trained here with ``aerl_ray.train.fit`` (15 epochs each), for L-inf and L2, each on a
+   standard and a wide grid.  Variants: ``exact`` (``curve="exact"``: the per-example
+   running minimum of separate runs, one batched loop) and ``search`` (the default,
+   ``curve="search"``: FMN bracket + per-example search + a 100-pair audit; see
+   aerl_ray.attacks.curve_search).  Per cell: cost ratio to the separate runs in wall
+   time, process CPU time and work (forward+backward example-passes, hook-counted; on a
+   CPU a pass costs in proportion to its rows, so time follows work); the search's
+   disagreement -- the fraction of (example, nonzero budget) pairs where a separate run
+   breaks an example the curve counts as robust -- and the pairs where the curve is
+   stronger than every separate run (FMN's points); the audit's own estimate and 95%
+   Wilson upper bound as the rows carry them.  Targets: search cost <= 0.5 on the
+   standard grid; disagreement <= 0.5%.
 
-Variants are interleaved and the median of ``--repeats`` timings is used, so machine
-noise hits both sides alike; part 2 shows wall and process CPU time (the CPU time is
-steadier on a shared machine).  Model: cnn4 trained for 15 epochs on digits (SL, ~3 s).
-Single-threaded by default: on 2 shared cores, 2 threads thrash on these small models.
+Variants are interleaved and the median of the repeats is used, so machine noise hits
+both sides alike.  Single-threaded by default: on 2 shared cores, 2 threads thrash on
+these small models.
 
-    python bench/attacks.py [--n 360] [--steps 50] [--repeats 3] [--threads 1]
+    python bench/attacks.py [--n 360] [--steps 50] [--epochs 15] [--repeats 3]
+                            [--curve-repeats 1] [--models sl,rl,sl_adv] [--norms linf,l2]
+                            [--skip-throughput] [--ablation] [--quick]
+
+``--quick`` (part 2 only: all 360 test digits, 20 PGD steps, models trained 10 epochs;
+about 6 minutes on 2 shared cores) is the fastest configuration that still has every
+model, norm and grid.  Keep n at 360: the audit's 100 pairs are a fixed cost, so at
+n=120 they alone add 0.1-0.3 to the search's ratio.
 """
 from __future__ import annotations
 
 import argparse
 import statistics
+import tempfile
 import time
 
 import numpy as np
@@ -33,15 +45,20 @@ import torch
 import torch.nn.functional as F
 
 from aerl_ray.attacks import Threat, pgd_curve, predict, robustness_curve, run_attack
-from aerl_ray.config import DataConfig
+from aerl_ray.config import DataConfig, TrainConfig
 from aerl_ray.data import load_splits
 from aerl_ray.models import build_model
 
-GRIDS = {"standard": ["0", "1/255", "2/255", "4/255", "8/255", "16/255"],
-         "wide": ["0", "0.05", "0.1", "0.15", "0.2", "0.3"]}
+GRIDS = {"linf": {"standard": ["0", "1/255", "2/255", "4/255", "8/255", "16/255"],
+                  "wide": ["0", "0.05", "0.1", "0.15", "0.2", "0.3"]},
+         "l2": {"standard": ["0", "0.125", "0.25", "0.5", "1.0", "2.0"],
+                "wide": ["0", "0.5", "1.0", "1.5", "2.0", "3.0"]}}
+REGIMES = {"sl": dict(regime="sl"), "rl": dict(regime="rl"),
+           "sl_adv": dict(regime="sl_adv", adv_attack="pgd", adv_eps=0.1, adv_steps=5)}
 
 
 def train_sl(splits, epochs: int = 15, seed: int = 0):
+    """Part 1's model: a plain inline SL loop (independent of aerl_ray.train)."""
     torch.manual_seed(seed)
     net = build_model("cnn4", splits.info)
     opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
@@ -57,6 +74,17 @@ def train_sl(splits, epochs: int = 15, seed: int = 0):
     return net.eval()
 
 
+def train_regime(splits, name: str, epochs: int = 15, seed: int = 0):
+    """A cnn4 trained with ``aerl_ray.train.fit`` under regime ``name`` (REGIMES)."""
+    from aerl_ray.train import fit
+
+    cfg = TrainConfig().replace(dataset="digits", model="cnn4", epochs=epochs, seed=seed,
+                                device="cpu", **REGIMES[name])
+    with tempfile.TemporaryDirectory() as out:
+        res = fit(cfg, out, splits=splits)
+    return res.model.eval(), float(res.metrics["test_acc"])
+
+
 def timed(fn):
     t0 = time.perf_counter()
     out = fn()
@@ -67,15 +95,35 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=360, help="test examples (digits has 360)")
     ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--epochs", type=int, default=15, help="training epochs of part 2's models")
     ap.add_argument("--eps", default="8/255", help="L-inf budget of part 1")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=3, help="repeats of part 1")
+    ap.add_argument("--curve-repeats", type=int, default=1, help="repeats of part 2")
+    ap.add_argument("--models", default="sl,rl,sl_adv")
+    ap.add_argument("--norms", default="linf,l2")
+    ap.add_argument("--audit", type=int, default=100, help="audit pairs of the search")
+    ap.add_argument("--skip-throughput", action="store_true", help="part 2 only")
+    ap.add_argument("--ablation", action="store_true",
+                    help="part 2 also runs the search's variants once each (work and "
+                         "disagreement, no audit): bracket none/fmn-guide, bisection, "
+                         "warm starts")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (0 = default)")
+    ap.add_argument("--quick", action="store_true",
+                    help="part 2 only, n=360, 20 steps, 10 training epochs (overrides those)")
     args = ap.parse_args(argv)
+    if args.quick:
+        args.n, args.steps, args.epochs, args.skip_throughput = 360, 20, 10, True
     if args.threads:
         torch.set_num_threads(args.threads)
+    splits = load_splits(DataConfig(dataset="digits"))
+    if not args.skip_throughput:
+        throughput(splits, args)
+    curves(splits, args)
+
+
+def throughput(splits, args) -> None:
     from cleverhans.torch.attacks.projected_gradient_descent import projected_gradient_descent
 
-    splits = load_splits(DataConfig(dataset="digits"))
     model = train_sl(splits)
     x, y = splits.x_test[:args.n], splits.y_test[:args.n]
     clean = float((predict(model, x) == y).float().mean())
@@ -114,54 +162,103 @@ def main(argv=None) -> None:
         print(f"   ratio {k} / cleverhans = {med['cleverhans PGD'] / med[k]:.2f}  "
               f"(target >= 1.0)")
 
-    print(f"\n2. 6-budget curve in one pass vs 6 separate runs ({args.steps} steps, seed 0)")
-    for gname, grid in GRIDS.items():
-        kw = dict(steps=args.steps, seed=0)
-        runs = {
-            "curve (one loop)": lambda: pgd_curve(model, x, y, "linf", grid, **kw),
-            "6 separate": lambda: [run_attack("pgd", model, x, y, Threat("linf", e), **kw)
-                                   for e in grid],
-            "6 separate w/o early exit": lambda: [
-                run_attack("pgd", model, x, y, Threat("linf", e), early_stop=False, **kw)
-                for e in grid],
-            "budget-by-budget loop": lambda: robustness_curve(
-                "pgd", model, x, y, "linf", grid, one_loop=False, **kw),
-        }
-        wall: dict[str, list[float]] = {k: [] for k in runs}
-        cpu: dict[str, list[float]] = {k: [] for k in runs}
-        res = {}
-        for _ in range(args.repeats):
-            for k, fn in runs.items():
-                c0, t0 = time.process_time(), time.perf_counter()
-                res[k] = fn()
-                wall[k].append(time.perf_counter() - t0)
-                cpu[k].append(time.process_time() - c0)
-        w = {k: statistics.median(v) for k, v in wall.items()}
-        c = {k: statistics.median(v) for k, v in cpu.items()}
-        bwd = {k: sum(r.bwd_passes for r in v) for k, v in res.items()}
-        curve, sep = res["curve (one loop)"], res["6 separate"]
-        broken = torch.zeros(len(x), dtype=torch.bool)
-        envelope = []  # per-example running minimum of the separate runs
-        for r in sep:
-            broken |= r.success
-            envelope.append(broken.clone())
-        exact = all(torch.equal(r.success, b) for r, b in zip(curve, envelope))
-        print(f"   grid {gname} {grid}")
-        print(f"     curve robust acc    {[round(r.robust_acc, 3) for r in curve]}")
-        print(f"     separate robust acc {[round(r.robust_acc, 3) for r in sep]}")
-        print(f"     curve == per-example running minimum of the separate runs: {exact}")
-        for k in runs:
-            print(f"     {k:<26} wall {w[k]:6.2f} s  cpu {c[k]:6.2f} s  bwd passes {bwd[k]:>7}")
-        s_, f_ = "6 separate", "6 separate w/o early exit"
-        print(f"     ratio curve / separate = {w['curve (one loop)'] / w[s_]:.2f} wall, "
-              f"{c['curve (one loop)'] / c[s_]:.2f} cpu, "
-              f"{bwd['curve (one loop)'] / bwd[s_]:.3f} work  (target <= 0.35)")
-        print(f"     ratio curve / separate w/o early exit = "
-              f"{w['curve (one loop)'] / w[f_]:.2f} wall, "
-              f"{c['curve (one loop)'] / c[f_]:.2f} cpu, "
-              f"{bwd['curve (one loop)'] / bwd[f_]:.3f} work")
-        print(f"     least work of an exact curve (budget loop) / separate = "
-              f"{bwd['budget-by-budget loop'] / bwd[s_]:.3f}")
+
+def _interleaved(runs: dict, repeats: int) -> tuple[dict, dict, dict]:
+    """Run each variant ``repeats`` times, interleaved; median wall and CPU seconds."""
+    wall: dict[str, list[float]] = {k: [] for k in runs}
+    cpu: dict[str, list[float]] = {k: [] for k in runs}
+    res = {}
+    for _ in range(repeats):
+        for k, fn in runs.items():
+            c0, t0 = time.process_time(), time.perf_counter()
+            res[k] = fn()
+            wall[k].append(time.perf_counter() - t0)
+            cpu[k].append(time.process_time() - c0)
+    return ({k: statistics.median(v) for k, v in wall.items()},
+            {k: statistics.median(v) for k, v in cpu.items()}, res)
+
+
+ABLATION = {"no audit": {},
+            "bracket none": {"bracket": "none"},
+            "bracket fmn-guide": {"bracket": "fmn-guide"},
+            "bisect, no bracket": {"bracket": "none", "order": "bisect"},
+            "warm replace, no bracket": {"bracket": "none", "warm": "replace"},
+            "warm replace + fmn": {"warm": "replace"}}
+
+
+def _ablation(model, x, y, norm, grid, kw, sep, running, sep_work) -> None:
+    """Variants of the search, once each, without the audit: work / separate runs'
+    work, disagreement and pairs stronger than every separate run."""
+    from aerl_ray.attacks.pgd import pgd_grid
+
+    for name, opts in ABLATION.items():
+        res = pgd_grid(model, x, y, norm, grid, curve="search", audit=0, **kw, **opts)
+        c = torch.stack([r.success for r in res[1:]], 1)
+        w = sum(r.fwd_passes + r.bwd_passes for r in res)
+        print(f"        ablation {name:<26} work {w / sep_work:.3f}  disagree "
+              f"{float((sep & ~c).float().mean()):.2%}  stronger {int((c & ~running).sum())}")
+
+
+def curves(splits, args) -> None:
+    x, y = splits.x_test[:args.n], splits.y_test[:args.n]
+    print(f"\n2. 6-budget curves vs 6 separate runs: {args.steps} PGD steps, seed 0, "
+          f"n={len(x)}, search audit {args.audit} pairs, {args.curve_repeats} repeat(s)")
+    cols = ("model", "norm", "grid", "exact wall/cpu/work", "search wall/cpu/work",
+            "disagree", "stronger", "audit est/upper (breaks/pairs)")
+    print("   " + " | ".join(cols))
+    summary = []
+    for mname in args.models.split(","):
+        t0 = time.perf_counter()
+        model, acc = train_regime(splits, mname, epochs=args.epochs)
+        print(f"   -- {mname}: {args.epochs} epochs, trained in {time.perf_counter() - t0:.0f} s, test acc {acc:.3f}")
+        for norm in args.norms.split(","):
+            for gname, grid in GRIDS[norm].items():
+                kw = dict(steps=args.steps, seed=0)
+                runs = {
+                    "separate": lambda: [run_attack("pgd", model, x, y, Threat(norm, e), **kw)
+                                         for e in grid],
+                    "exact": lambda: pgd_curve(model, x, y, norm, grid, curve="exact", **kw),
+                    "search": lambda: pgd_curve(model, x, y, norm, grid, curve="search",
+                                                audit=args.audit, **kw),
+                }
+                w, c, res = _interleaved(runs, args.curve_repeats)
+                work = {k: sum(r.fwd_passes + r.bwd_passes for r in v) for k, v in res.items()}
+                sep = torch.stack([r.success for r in res["separate"][1:]], 1)
+                srch = torch.stack([r.success for r in res["search"][1:]], 1)
+                exact = torch.stack([r.success for r in res["exact"][1:]], 1)
+                running = sep.to(torch.uint8).cummax(1).values.bool()
+                same = torch.equal(exact, running)  # exact mode's contract, checked
+                dis = float((sep & ~srch).float().mean())
+                stronger = int((srch & ~running).sum())
+                ex = res["search"][1].extra
+                ratio = {k: (w[k] / w["separate"], c[k] / c["separate"],
+                             work[k] / work["separate"]) for k in ("exact", "search")}
+                summary.append((mname, norm, gname, ratio["search"], dis))
+                fmt = "{:.2f}/{:.2f}/{:.3f}"
+                print(f"   {mname} | {norm} | {gname} | {fmt.format(*ratio['exact'])} | "
+                      f"{fmt.format(*ratio['search'])} | {dis:.2%} "
+                      f"({int((sep & ~srch).sum())}/{sep.numel()}) | {stronger} | "
+                      f"{ex['disagreement_audit']:.2%}/{ex['disagreement_upper']:.2%} "
+                      f"({ex['audit_breaks']}/{ex['audited_pairs']})")
+                if args.ablation:
+                    _ablation(model, x, y, norm, grid, kw, sep, running, work["separate"])
+                fg = robustness_curve("fgsm", model, x, y, norm, grid)
+                fgs = torch.stack([r.success for r in fg[1:]], 1)
+                print(f"        robust acc separate {[round(r.robust_acc, 3) for r in res['separate']]}"
+                      f"  search {[round(r.robust_acc, 3) for r in res['search']]}"
+                      f"  fgsm {[round(r.robust_acc, 3) for r in fg]}"
+                      f"  (exact == running minimum of separate: {same}; search == fgsm "
+                      f"per example: {torch.equal(srch, fgs)}, fgsm breaks the search "
+                      f"misses: {int((fgs & ~srch).sum())})")
+    std = [r for r in summary if r[2] == "standard"]
+    worst_std = max(r[3][2] for r in std) if std else float("nan")
+    worst_std_wall = max(r[3][0] for r in std) if std else float("nan")
+    worst_dis = max(r[4] for r in summary) if summary else float("nan")
+    print(f"\n   search / separate on the standard grids: worst work {worst_std:.3f}, worst "
+          f"wall {worst_std_wall:.2f}  (target <= 0.5: {'met' if max(worst_std, worst_std_wall) <= 0.5 else 'NOT met'})")
+    print(f"   worst disagreement of the search: {worst_dis:.2%}  (target <= 0.5%: "
+          f"{'met' if worst_dis <= 0.005 else 'NOT met'})")
+
 
 if __name__ == "__main__":
     main()

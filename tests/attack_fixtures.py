@@ -4,9 +4,13 @@ an 8-image batch and a digits checkpoint.  Import them into a test module with
 
 The models are trained once per session with a short inline loop (AdamW 1e-3, batch 64,
 15 epochs, ~3 s on 2 cores), independent of aerl_ray.train so attack tests do not break
-when training changes.
+when training changes.  "Once" needs :func:`_trained`'s cache: each module that
+star-imports these fixtures gets its own fixture definitions (pytest keys them by module),
+so without it every such module retrained both models.
 """
 from __future__ import annotations
+
+import functools
 
 import pytest
 import torch
@@ -57,16 +61,22 @@ def digits() -> Splits:
     return load_splits(DataConfig(dataset="digits"))
 
 
+@functools.lru_cache(maxsize=None)
+def _trained(seed: int, epochs: int) -> Classifier:
+    """One trained model per (seed, epochs) per process, shared by every module."""
+    return train_digits(load_splits(DataConfig(dataset="digits")), seed=seed, epochs=epochs)
+
+
 @pytest.fixture(scope="session")
 def sl_model(digits) -> Classifier:
     """SL cnn4 on digits, ~95-98% test accuracy."""
-    return train_digits(digits, seed=0)
+    return _trained(0, 15)
 
 
 @pytest.fixture(scope="session")
 def sl_model_b(digits) -> Classifier:
     """A second SL cnn4 (another seed): a transfer source for sl_model."""
-    return train_digits(digits, seed=1, epochs=10)
+    return _trained(1, 10)
 
 
 @pytest.fixture(scope="session")

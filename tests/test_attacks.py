@@ -80,7 +80,7 @@ def test_curve_is_monotone_and_keeps_eval_mode(name, sl_model, sl_model_b, digit
 def test_pgd_curve_equals_separate_runs(sl_model, digits):
     x, y = digits.x_test[:96], digits.y_test[:96]
     grid = [0, 2 / 255, 8 / 255, 0.08, 0.12, 0.2]
-    params = dict(steps=10, restarts=2, seed=3, batch_size=32)
+    params = dict(steps=10, restarts=2, seed=3, batch_size=32, curve="exact")
     curve = pgd_curve(sl_model, x, y, "linf", grid, **params)
     separate = [run_attack("pgd", sl_model, x, y, Threat("linf", e), **params) for e in grid]
     broken = torch.zeros(len(x), dtype=torch.bool)
@@ -311,6 +311,7 @@ def test_pgd_one_loop_equals_separate_runs_and_the_budget_loop(norm, grid, param
     from aerl_ray.passes import PassCounter
 
     x, y = digits.x_test[40:100], digits.y_test[40:100]
+    params = {**params, "curve": "exact"}
     with PassCounter(sl_model) as pc:
         curve = pgd_curve(sl_model, x, y, norm, grid, **params)
     loop = robustness_curve("pgd", sl_model, x, y, norm, grid, one_loop=False, **params)
@@ -349,7 +350,7 @@ def test_pgd_one_loop_shares_passes_across_budgets(sl_model, digits):
     from aerl_ray.attacks.pgd import pgd_grid
 
     x, y = digits.x_test[:48], digits.y_test[:48]
-    grid, params = [0, 0.02, 0.05, 0.1, 0.2], dict(steps=8, seed=0)
+    grid, params = [0, 0.02, 0.05, 0.1, 0.2], dict(steps=8, seed=0, curve="exact")
     grad_calls = []
     handle = sl_model.register_forward_hook(
         lambda m, i, o: grad_calls.append(1) if o.requires_grad else None)

@@ -7,7 +7,7 @@ from aerl_ray.attacks.base import (ATTACKS, AttackInputError, AttackResult, Atta
                                    check_images, check_logits, parse_eps_grid, predict,
                                    register_attack, robustness_curve, run_attack)
 from aerl_ray.attacks.threat import Norm, Threat, parse_eps
-from aerl_ray.attacks import autoattack, pgd, square, transfer  # noqa: F401  (register)
+from aerl_ray.attacks import autoattack, fmn, pgd, square, transfer  # noqa: F401  (register)
 from aerl_ray.attacks.pgd import LOSSES, fgsm, pgd_curve, pgd_core
 from aerl_ray.attacks.transfer import TransferCache
 

@@ -94,7 +94,9 @@ class AttackSpec:
         curve: optional ``curve(model, x, y, norm, grid, example_ids=..., **params) ->
             list[AttackResult]`` that runs the whole grid at once (PGD/FGSM: all budgets
             batched in one loop); it must give the per-example running minimum of
-            separate runs, as the generic loop does.  :func:`robustness_curve` uses it.
+            separate runs, as the generic loop does, unless it says otherwise in each
+            result's ``extra`` (PGD's ``curve="search"``: ``extra["curve"]`` and the
+            audited ``extra["disagreement_upper"]``).  :func:`robustness_curve` uses it.
     """
 
     name: str

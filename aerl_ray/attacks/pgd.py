@@ -10,11 +10,14 @@
   restarts) that fooled the model, else the highest-loss iterate; always clipped to
   [0, 1].  With ``early_stop`` a fooled example leaves the batch.
 - Random starts are per-example reproducible (:func:`Threat.random_start`), which makes
-  :func:`pgd_curve` -- many budgets in one pass -- equal separate runs.  Its loop,
-  :func:`pgd_grid`, batches (example, budget) pairs of all budgets into shared passes.
+  :func:`pgd_curve` with ``curve="exact"`` -- many budgets in one pass -- equal separate
+  runs.  Its loop, :func:`pgd_grid`, batches (example, budget) pairs of all budgets into
+  shared passes; with ``curve="search"`` (the default) it searches each example's
+  breaking budget instead of attacking every budget (:mod:`aerl_ray.attacks.curve_search`).
 """
 from __future__ import annotations
 
+import logging
 import time
 from typing import Protocol, Sequence
 
@@ -23,10 +26,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from aerl_ray.attacks.base import AttackResult, register_attack, robustness_curve
+from aerl_ray.attacks.curve_search import (ACTIVE, BRACKET_STEPS, BROKEN, DEFAULT_AUDIT,
+                                           DEFAULT_BRACKET, DEFAULT_CURVE, DROPPED, PENDING,
+                                           AuditReport, audit_curve, check_curve_params,
+                                           fmn_bracket, next_budget, settle)
 from aerl_ray.attacks.threat import (Norm, Threat, parse_eps, project_rows,
                                      random_start_rows)
 from aerl_ray.passes import PassCounter
 from aerl_ray.registry import Registry
+
+logger = logging.getLogger(__name__)
 
 LOSSES: Registry = Registry("attack loss")
 
@@ -144,9 +153,6 @@ def pgd_core(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: Threat,
 
 
 # --- many budgets in one loop ---------------------------------------------------------------
-PENDING, ACTIVE, ROBUST, BROKEN, DROPPED = 0, 1, 2, 3, 4
-
-
 def _split(total: int, rows: torch.Tensor) -> torch.Tensor:
     """Split ``total`` passes over budgets in proportion to ``rows`` (largest remainder),
     so the parts are integers summing to ``total``."""
@@ -160,12 +166,18 @@ def _split(total: int, rows: torch.Tensor) -> torch.Tensor:
     return part
 
 
+WARM_MODES = ("off", "replace")
+
+
 def pgd_grid(model: nn.Module, x: torch.Tensor, y: torch.Tensor, norm: "str | Norm",
              eps_grid: Sequence["str | float"], *, steps: int = 50,
              step_size: float | None = None, restarts: int = 1, loss: str = "ce",
              random_start: bool = True, seed: int = 0, early_stop: bool = True,
              batch_size: int = 500, example_ids: torch.Tensor | None = None,
-             speculate: bool | None = None) -> list[AttackResult]:
+             speculate: bool | None = None, curve: str = DEFAULT_CURVE,
+             audit: int = DEFAULT_AUDIT, bracket: str = DEFAULT_BRACKET,
+             order: str = "descending", warm: str = "off",
+             bracket_steps: int = BRACKET_STEPS) -> list[AttackResult]:
     """PGD at every budget of a sorted grid in one batched loop; one result per budget.
 
     The units of work are (example, budget) *pairs*.  Each pair runs exactly the PGD of
@@ -178,13 +190,13 @@ def pgd_grid(model: nn.Module, x: torch.Tensor, y: torch.Tensor, norm: "str | No
     last iterate and one that checks finished pairs).  Finished pairs leave and pending
     ones take their place.
 
-    Reuse: when pair (i, k) is broken (decided, as in :func:`run_attack`, by a fresh
-    forward pass of its projected best point), the pairs (i, j > k) are broken by that
-    same perturbation; they are dropped -- mid-run if active, never started if pending.
-    Pairs enter in order: an example's next budget is admitted once its smaller budgets
-    are done (the least work: exactly the pairs a budget-by-budget loop attacks), or --
-    with ``speculate``, only to fill otherwise idle slots of the batch -- while they are
-    still running, which cuts the number of passes (all budgets of an example at once
+    ``curve="exact"``: when pair (i, k) is broken (decided, as in :func:`run_attack`, by a
+    fresh forward pass of its projected best point), the pairs (i, j > k) are broken by
+    that same perturbation; they are dropped -- mid-run if active, never started if
+    pending.  Pairs enter in order: an example's next budget is admitted once its smaller
+    budgets are done (the least work: exactly the pairs a budget-by-budget loop attacks),
+    or -- with ``speculate``, only to fill otherwise idle slots of the batch -- while they
+    are still running, which cuts the number of passes (all budgets of an example at once
     when the batch has room) at the price of pairs that a smaller budget's later break
     makes useless.  ``None`` (default) speculates off the CPU only: on a CPU a pass costs
     in proportion to its rows, so idle slots are free and speculative rows are not; on an
@@ -192,19 +204,40 @@ def pgd_grid(model: nn.Module, x: torch.Tensor, y: torch.Tensor, norm: "str | No
     way the numbers are the same: the sum-reduced loss keeps each row's gradient
     independent of the batch, so a pair's trajectory is that of the separate run (up to
     float noise of batch-size-dependent kernels), and the result at budget k is exactly
-    the per-example running minimum of separate runs at budgets <= k.  Returned points:
-    at a budget where an example is broken, the point of its smallest breaking budget
-    (as the budget-by-budget loop); where it is robust, the separate run's best point.
+    the per-example running minimum of separate runs at budgets <= k.
+
+    ``curve="search"`` (:mod:`aerl_ray.attacks.curve_search`, which explains the why):
+    ``bracket="fmn"`` first runs FMN for ``bracket_steps`` steps -- its smallest
+    adversarial point breaks the example at the smallest budget that holds it (and all
+    larger ones); ``"fmn-guide"`` uses that budget only as the first probe, so the curve
+    is PGD's alone.  Then one pair per example at a time, each exactly the separate run
+    at its budget, in ``order`` (``descending``: the largest undecided budget, or after
+    a robust probe the smallest; ``bisect``: the middle one); broken => larger budgets
+    broken (as above), robust => smaller budgets counted robust without an attack.
+    ``warm="replace"`` starts a pair below a broken one from that pair's point, projected
+    into its ball, instead of the first random start (measured: a little cheaper, but it
+    disagrees with separate runs more often; off by default).  Then ``audit`` seeded
+    robust pairs are re-attacked by the separate run; its breaks are fixed in the curve
+    and the estimated disagreement with separate runs goes into every result's ``extra``
+    (:class:`~aerl_ray.attacks.curve_search.AuditReport`; the exact curve reports 0).
+
+    Returned points: at a budget where an example is broken, the point of its smallest
+    breaking budget (as the budget-by-budget loop); where it is robust, the attacked
+    pair's best point (the clean point for a pair counted robust without an attack).
 
     Costs per result (``fwd_passes``/``bwd_passes``): the hook-counted passes of every
     shared pass, split over budgets by the rows each budget had in it (pair-steps and the
-    check of finished pairs); the clean forward pass, shared by all budgets, is charged to
-    the grid's first budget.  ``seconds`` splits the call's wall time in proportion to
-    those passes.  ``extra["attacked"]`` is the number of pairs started at the budget.
+    check of finished pairs; the audit's runs go to their budget); the clean forward
+    pass, shared by all budgets, is charged to the grid's first budget.  ``seconds``
+    splits the call's wall time in proportion to those passes.  ``extra["attacked"]`` is
+    the number of pairs started at the budget.
     """
     _check(steps, restarts, step_size, loss)
+    check_curve_params(curve, audit, bracket)
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be >= 1")
+    if warm not in WARM_MODES:
+        raise ValueError(f"warm={warm!r}; known: {', '.join(WARM_MODES)}")
     t_start = time.perf_counter()
     loss_fn = LOSSES.get(loss)
     norm = Norm.parse(norm)
@@ -213,6 +246,11 @@ def pgd_grid(model: nn.Module, x: torch.Tensor, y: torch.Tensor, norm: "str | No
     ids = torch.arange(n) if example_ids is None else example_ids.cpu()
     budgets = sorted({e for e in grid if e > 0})
     nb = len(budgets)
+    search = curve == "search"
+    policy = order if search else "ascending"
+    if search:
+        next_budget(torch.zeros(0, 1, dtype=torch.int8), order)  # validates ``order``
+        speculate = False
     rel = step_size if step_size is not None else 2.5 / steps
     eps64 = torch.tensor(budgets, dtype=torch.float64)
     eps_dev = eps64.to(dev, x.dtype)
@@ -224,6 +262,7 @@ def pgd_grid(model: nn.Module, x: torch.Tensor, y: torch.Tensor, norm: "str | No
     bwd = torch.zeros(nb, dtype=torch.long)
     admitted = torch.zeros(nb, dtype=torch.long)
     y = y.to(dev)
+    report = AuditReport(curve, total_pairs=n * nb)
 
     with PassCounter(model) as pc:
         # the clean pass, shared by every budget (each separate run repeats it)
@@ -244,21 +283,35 @@ def pgd_grid(model: nn.Module, x: torch.Tensor, y: torch.Tensor, norm: "str | No
             fooled[0, wrong.to(dev)] = True
             status[wrong, 0] = BROKEN
             status[wrong, 1:] = DROPPED
-        # the active pairs: example, budget, step, restart (CPU) and current point
+        guess = None
+        if search and bracket != "none" and n and nb:
+            f0, b0 = pc.fwd, pc.bwd
+            guess = fmn_bracket(model, x, y, norm, budgets, status, xb, best, loss_fn,
+                                bracket_steps, batch_size, evidence=bracket == "fmn")
+            even = torch.ones(nb, dtype=torch.long)
+            fwd.add_(_split(pc.fwd - f0, even))
+            bwd.add_(_split(pc.bwd - b0, even))
+            logger.debug("fmn bracket: %d of %d examples broken within the grid",
+                         int((guess >= 0).sum()), n)
+        # the active pairs: example, budget, step, random-start stream (-1: a warm start,
+        # in place of stream 0) on the CPU, and the current point
         a_i = torch.zeros(0, dtype=torch.long)
         a_k, a_t, a_r = a_i.clone(), a_i.clone(), a_i.clone()
         a_x = x[:0].clone()
-        col = torch.arange(nb)
 
         def starts(ii: torch.Tensor, kk: torch.Tensor, rr: torch.Tensor) -> torch.Tensor:
             xa = x[ii.to(dev)]
-            if not random_start:
-                return xa.clone()
-            out = torch.empty_like(xa)
-            for r in rr.unique().tolist():
+            out = xa.clone()
+            for r in (rr[rr >= 0].unique().tolist() if random_start else []):
                 m = rr == r
                 out[m.to(dev)] = random_start_rows(norm, xa[m.to(dev)], ids[ii[m]], r, seed,
                                                    eps64[kk[m]])
+            wm = rr < 0
+            if bool(wm.any()):  # warm: the smallest broken budget's point, projected
+                src = (status[ii[wm]] == BROKEN).to(torch.uint8).argmax(1)
+                wd = wm.to(dev)
+                out[wd] = project_rows(norm, xb[src.to(dev), ii[wm].to(dev)], xa[wd],
+                                       eps_dev[kk[wm].to(dev)])
             return out
 
         def forward(xin: torch.Tensor, kk: torch.Tensor) -> torch.Tensor:
@@ -273,7 +326,7 @@ def pgd_grid(model: nn.Module, x: torch.Tensor, y: torch.Tensor, norm: "str | No
                 has_p = pend.any(1)
                 if not bool(has_p.any()):
                     break
-                nxt = pend.to(torch.uint8).argmax(1)
+                nxt = next_budget(status, policy, guess)
                 has_a = (status == ACTIVE).any(1)
                 cand = (has_p & ~has_a).nonzero().view(-1)
                 if speculate and len(cand) < batch_size - len(a_i):
@@ -283,12 +336,15 @@ def pgd_grid(model: nn.Module, x: torch.Tensor, y: torch.Tensor, norm: "str | No
                 if len(cand) == 0:
                     break
                 kk = nxt[cand]
+                zero = torch.zeros(len(cand), dtype=torch.long)
+                rr = zero.clone()  # random-start stream; -1: warm start
+                if search and warm == "replace":
+                    rr[(status[cand] == BROKEN).any(1)] = -1
                 status[cand, kk] = ACTIVE
                 admitted.add_(torch.bincount(kk, minlength=nb))
-                zero = torch.zeros(len(cand), dtype=torch.long)
-                a_x = torch.cat([a_x, starts(cand, kk, zero)])
+                a_x = torch.cat([a_x, starts(cand, kk, rr)])
                 a_i, a_k = torch.cat([a_i, cand]), torch.cat([a_k, kk])
-                a_t, a_r = torch.cat([a_t, zero]), torch.cat([a_r, zero])
+                a_t, a_r = torch.cat([a_t, zero]), torch.cat([a_r, rr])
             if len(a_i) == 0:
                 break
             i_d, k_d = a_i.to(dev), a_k.to(dev)
@@ -320,13 +376,13 @@ def pgd_grid(model: nn.Module, x: torch.Tensor, y: torch.Tensor, norm: "str | No
                         -1, *([1] * (x.dim() - 1))) * direction(grad), x[ii], eps_dev[kk])
             a_t += 1
             now_c = now.cpu()
-            last_restart = a_r + 1 >= restarts
-            done = final & last_restart
+            done = final & (a_r.clamp_min(0) + 1 >= restarts)
             if early_stop:
                 done |= now_c
             again = final & ~done
             if bool(again.any()):  # the next restart of pairs that failed
-                a_r[again] += 1
+                # (a warm start took the place of random start 0: next is 1)
+                a_r[again] = a_r[again].clamp_min(0) + 1
                 a_t[again] = 0
                 a_x[again.to(dev)] = starts(a_i[again], a_k[again], a_r[again])
             if bool(done.any()):  # check finished pairs as run_attack does
@@ -336,16 +392,24 @@ def pgd_grid(model: nn.Module, x: torch.Tensor, y: torch.Tensor, norm: "str | No
                 with torch.no_grad():
                     ok = forward(pts, fk).argmax(1) == y[fi_d]
                 xb[fk_d, fi_d] = pts
-                ok = ok.cpu()
-                status[fi, fk] = torch.where(ok, ROBUST, BROKEN).to(torch.int8)
-                if bool((~ok).any()):  # reuse: larger budgets of a broken example
-                    low = torch.full((n,), nb, dtype=torch.long)
-                    low.scatter_reduce_(0, fi[~ok], fk[~ok], "amin")
-                    above = col[None, :] > low[:, None]
-                    status[above & ((status == PENDING) | (status == ACTIVE))] = DROPPED
+                settle(status, fi, fk, ok.cpu(), search)
                 keep = status[a_i, a_k] == ACTIVE
                 kd = keep.to(dev)
                 a_i, a_k, a_t, a_r, a_x = a_i[keep], a_k[keep], a_t[keep], a_r[keep], a_x[kd]
+        if search and n and nb:
+            def separate(ii: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+                ii_d = ii.to(dev)
+                xa, _, bl = pgd_core(model, x[ii_d], y[ii_d], Threat(norm, budgets[k]),
+                                     steps=steps, step_size=step_size, restarts=restarts,
+                                     loss=loss, random_start=random_start, seed=seed,
+                                     example_ids=ids[ii], early_stop=early_stop,
+                                     batch_size=batch_size)
+                return xa, bl
+
+            audit_curve(model, x, y, norm, budgets, status, xb, best, fwd, bwd, pc, report,
+                        audit, seed, separate)
+            logger.debug("pgd search curve: %d probes for %d pairs; audit %d/%d broken",
+                         int(admitted.sum()), n * nb, report.breaks, report.audited)
 
     # assemble one result per grid entry (running minimum over budgets)
     passes = []
@@ -370,7 +434,7 @@ def pgd_grid(model: nn.Module, x: torch.Tensor, y: torch.Tensor, norm: "str | No
         if e == 0:
             res_x, succ = x.clone(), clean_wrong.cpu()
             bl = torch.full((n,), float("nan"))
-            att = n if g == 0 else 0
+            att, k = (n if g == 0 else 0), None
         else:
             k = budgets.index(e)
             upto = broken[:, :k + 1]
@@ -382,7 +446,7 @@ def pgd_grid(model: nn.Module, x: torch.Tensor, y: torch.Tensor, norm: "str | No
                 bl[clean_wrong.cpu()] = float("nan")
             att = int(admitted[k]) if e not in grid[:g] else 0
         out.append(AttackResult(res_x, succ, bl, f, b, f, sec, [],
-                                {"attacked": att, "one_loop": True}))
+                                {"attacked": att, "one_loop": True, **report.extra(k)}))
     return out
 
 
@@ -392,7 +456,8 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: Threat, *,
         steps: int = 50, step_size: float | None = None, restarts: int = 1,
         loss: str = "ce", random_start: bool = True, seed: int = 0,
         early_stop: bool = True, batch_size: int = 500,
-        example_ids: torch.Tensor | None = None) -> AttackResult:
+        example_ids: torch.Tensor | None = None, curve: str = DEFAULT_CURVE,
+        audit: int = DEFAULT_AUDIT, bracket: str = DEFAULT_BRACKET) -> AttackResult:
     """Untargeted PGD in ``threat``'s ball.
 
     Args:
@@ -405,7 +470,19 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: Threat, *,
         early_stop: stop attacking an example once fooled (the result is the same).
         batch_size: examples per forward pass.
         example_ids: ids of the rows, keys of the per-example random streams.
+        curve: how a budget grid is evaluated by :func:`robustness_curve` (a single run
+            ignores ``curve``, ``audit`` and ``bracket``): ``search`` (default) -- a
+            per-example search over the grid, audited against separate runs
+            (:mod:`aerl_ray.attacks.curve_search`); ``exact`` -- the per-example running
+            minimum of separate runs (about K runs' cost).
+        audit: search only: robust (example, budget) pairs re-attacked by a separate
+            run to estimate the curve's disagreement with separate runs (0 = none).
+        bracket: search only: ``fmn`` -- a 10-step FMN run first; its smallest
+            adversarial point breaks the example from the smallest budget that holds
+            it; ``fmn-guide`` -- FMN only picks the first budget to probe (the curve
+            is PGD's alone); ``none`` -- probe from the largest budget down.
     """
+    check_curve_params(curve, audit, bracket)
     xb, fooled, best = pgd_core(model, x, y, threat, steps=steps, step_size=step_size,
                                 restarts=restarts, loss=loss, random_start=random_start,
                                 seed=seed, example_ids=example_ids, early_stop=early_stop,
@@ -419,7 +496,7 @@ def _fgsm_grid(model: nn.Module, x: torch.Tensor, y: torch.Tensor, norm: "str | 
     """:func:`fgsm` at every budget of a grid in one loop (see :func:`pgd_grid`)."""
     return pgd_grid(model, x, y, norm, eps_grid, steps=1, step_size=1.0, restarts=1,
                     loss=loss, random_start=False, early_stop=True, batch_size=batch_size,
-                    example_ids=example_ids)
+                    example_ids=example_ids, curve="exact", audit=0)
 
 
 @register_attack("fgsm", kind="white-box", per_example_rng=True, curve=_fgsm_grid)
@@ -441,11 +518,13 @@ def pgd_curve(model: nn.Module, x: torch.Tensor, y: torch.Tensor, norm: "str | N
     Goes through :func:`robustness_curve`, which runs :func:`pgd_grid`: all budgets in
     one batched loop of (example, budget) pairs, each with its own early exit; a pair
     broken at a budget breaks the example at every larger budget with the same
-    perturbation (those pairs are dropped).  Because random starts depend only on
-    (seed, example id, restart), the per-example outcome at budget k equals that of a
-    separate ``pgd`` run at budget k whenever the example survived all smaller budgets:
-    the curve is the per-example running minimum of separate runs (identical numbers
-    whenever the separate runs are monotone, as they are for a working attack).
-    Takes the parameters of :func:`pgd`.
+    perturbation (those pairs are dropped).  With ``curve="exact"``, because random
+    starts depend only on (seed, example id, restart), the per-example outcome at
+    budget k equals that of a separate ``pgd`` run at budget k whenever the example
+    survived all smaller budgets: the curve is the per-example running minimum of
+    separate runs (identical numbers whenever the separate runs are monotone, as they
+    are for a working attack).  With ``curve="search"`` (default) a robust probe also
+    stands for every smaller budget; each result's ``extra`` carries the audited
+    disagreement with separate runs.  Takes the parameters of :func:`pgd`.
     """
     return robustness_curve("pgd", model, x, y, norm, eps_grid, **params)
