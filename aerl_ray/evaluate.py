@@ -234,11 +234,13 @@ def run_evaluation(target: "str | os.PathLike | dict | nn.Module", plan: EvalPla
                 shown["source"] = src_label
             for eps_str, r in zip(sub, results):
                 broken.setdefault(attack_label, {})[parse_eps(eps_str)] = r.success
-                eval_rows.append(_row(base, attack_label, norm, eps_str, r.success, clean_acc,
-                                      fwd=r.fwd_passes, bwd=r.bwd_passes, queries=r.queries,
-                                      seconds=r.seconds,
-                                      params=params_json({**shown, "multi_budget": True}),
-                                      flags=r.flags))
+                row = _row(base, attack_label, norm, eps_str, r.success, clean_acc,
+                           fwd=r.fwd_passes, bwd=r.bwd_passes, queries=r.queries,
+                           seconds=r.seconds,
+                           params=params_json({**shown, "multi_budget": True}),
+                           flags=r.flags)
+                row["curve_disagreement"] = curve_disagreement(r)
+                eval_rows.append(row)
         if len(broken) > 1:
             eval_rows += _worst_case_rows(base, norm, grid, broken, clean_acc)
         if plan.indicators or landscape_dir:
@@ -295,7 +297,17 @@ def _row(base: dict, attack: str, norm: str, eps_str: str, success: torch.Tensor
             "eps_str": str(eps_str), "n": m, "clean_acc": clean_acc, "robust_acc": k / m,
             "ci_low": lo, "ci_high": hi, "fwd_passes": int(fwd), "bwd_passes": int(bwd),
             "queries": int(queries), "seconds": float(seconds), "params": params,
-            "flags": json.dumps(list(flags))}
+            "flags": json.dumps(list(flags)), "curve_disagreement": float("nan")}
+
+
+def curve_disagreement(r) -> float:
+    """The curve's disagreement column: a searched PGD curve's audited upper bound, 0 for
+    an exact curve (true by construction), NaN where the attack reports none."""
+    extra = getattr(r, "extra", None) or {}
+    v = extra.get("disagreement_upper")
+    if v is None:
+        return 0.0 if extra.get("curve") == "exact" else float("nan")
+    return float(v)
 
 
 def worst_case(broken: Mapping[str, Mapping[float, torch.Tensor]], eps: float
@@ -455,6 +467,13 @@ def format_table(rows: Sequence[dict]) -> str:
             lines.append(f"{a:<24}" + "".join(f"{c:>{width}}" for c in cells))
         flags = sorted({f for r in rs for f in json.loads(r["flags"])})
         lines += [f"  flag: {f}" for f in flags]
+        for a in attacks:
+            dis = [float(r.get("curve_disagreement", float("nan"))) for r in rs
+                   if r["attack"] == a]
+            dis = [d for d in dis if d == d]
+            if dis and max(dis) > 0:
+                lines.append(f"  {a}: curve by search; audited disagreement with separate "
+                             f"runs <= {100 * max(dis):.2f}% of (example, budget) pairs")
         lines.append("")
     return "\n".join(lines)
 

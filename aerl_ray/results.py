@@ -99,6 +99,11 @@ EVAL_SCHEMA: dict[str, tuple[pa.DataType, str]] = {
     "params": (STR, "JSON of the attack parameters (steps, restarts, loss, ...; worst_case: "
                     "the attacks combined)"),
     "flags": (STR, "JSON list of warnings/diagnostic flags raised by this attack"),
+    "curve_disagreement": (F64, "PGD curve by search (curve=search): estimated upper bound "
+                                "(95% Wilson, from the seeded audit against separate runs) "
+                                "of the fraction of (example, budget) pairs a separate run "
+                                "would break that the curve counts robust; 0 for an exact "
+                                "curve; NaN for other attacks"),
 }
 EVAL_KEY = ["run_id", "trial_id", "checkpoint", "split", "attack", "norm", "eps"]
 

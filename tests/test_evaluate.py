@@ -44,6 +44,12 @@ def test_rows_follow_the_schema(sl_checkpoint, sl_checkpoint_b):
     assert any(r["attack"].startswith("transfer:") for r in rows)
     pgd_rows = {r["eps_str"]: r for r in rows if r["attack"] == "pgd"}
     assert pgd_rows["0.3"]["robust_acc"] <= 0.05  # an SL model falls at a large budget
+    # the searched PGD curve says how far it may be from separate runs, FGSM's exact curve
+    # 0, an attack without a curve nothing
+    assert all(0.0 <= r["curve_disagreement"] <= 0.2 for r in pgd_rows.values()), pgd_rows
+    assert all(r["curve_disagreement"] == 0.0 for r in rows if r["attack"] == "fgsm")
+    assert all(r["curve_disagreement"] != r["curve_disagreement"]  # NaN
+               for r in rows if r["attack"] == "square")
     assert ind and all(set(r) == set(INDICATOR_COLUMNS) for r in ind)
     names = {r["indicator"] for r in ind if r["step"] == -1}
     assert {"agn", "cos_prev", "sign_consistency", "dispersion", "mean_dir_dispersion",
