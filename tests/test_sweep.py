@@ -34,8 +34,9 @@ def test_quickstart_smoke_end_to_end(study_of, ray_session, tmp_path):
     search = evals[evals["phase"] == "search"]
     assert (search["split"] == "val").all() and set(search["trial_id"]) == {"t0000", "t0001"}
     assert set(search["attack"]) == {"pgd", "fgsm", "autoattack", "transfer:sl_reference",
-                                     "worst_case"}
-    assert len(search) == 2 * (4 * 4 + 1)  # 3 attacks x 4 budgets + worst case, AA at 0.1
+                                     "worst_case", "worst_case+diag"}  # + cheap diagnostics'
+    plain = search[search.attack != "worst_case+diag"]
+    assert len(plain) == 2 * (4 * 4 + 1)  # 3 attacks x 4 budgets + worst case, AA at 0.1
     assert search.groupby("trial_id")["n"].nunique().eq(1).all()  # same images everywhere
     assert set(R.EVAL_COLUMNS) <= set(evals.columns)
     assert ((evals["ci_low"] <= evals["robust_acc"]) & (evals["robust_acc"] <= evals["ci_high"])).all()
