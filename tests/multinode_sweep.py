@@ -53,7 +53,7 @@ try:
         "statuses": list(res.trials["status"]),
         "trial_columns": sorted(res.trials.columns),
         "eval_columns": sorted(R.read_table(run.evals).columns),
-        "n_eval_rows": len(R.read_table(run.evals)),
+        "n_eval_rows": int((R.read_table(run.evals)["attack"] != "worst_case+diag").sum()),
         "indicator_columns": sorted(R.read_table(run.indicators).columns),
         "storage_has_checkpoints": any((out / "storage").rglob("checkpoint_*")),
     }

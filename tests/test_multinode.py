@@ -28,4 +28,5 @@ def test_two_node_sweep_with_ddp_and_spread_evaluators(tmp_path):
     assert set(R.TRIAL_COLUMNS) <= set(s["trial_columns"])
     assert set(R.INDICATOR_COLUMNS) <= set(s["indicator_columns"])
     # 3 attacks x 4 budgets + AutoAttack at the objective's budget + 4 worst-case rows
+    # (not counting the cheap diagnostics' worst_case+diag rows)
     assert s["n_eval_rows"] == 3 * 4 + 1 + 4
