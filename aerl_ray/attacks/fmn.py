@@ -24,7 +24,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from aerl_ray.attacks.base import AttackResult, register_attack
+from aerl_ray.attacks.base import AttackResult, predict, register_attack
 from aerl_ray.attacks.threat import Norm, Threat, parse_eps
 from aerl_ray.passes import PassCounter
 
@@ -158,6 +158,8 @@ def fmn(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: Threat, *,
         batch_size: examples per forward pass.
     """
     x_best, best_norm = fmn_core(model, x, y, threat.norm, steps=steps, batch_size=batch_size)
-    return AttackResult(threat.project(x_best, x), best_norm <= threat.eps,
-                        torch.full((len(x),), float("nan")),
+    x_adv = threat.project(x_best, x)
+    with torch.no_grad():  # the true mask on the returned points (a projection may fool)
+        success = (predict(model, x_adv, batch_size) != y).cpu()
+    return AttackResult(x_adv, success, torch.full((len(x),), float("nan")),
                         extra={"min_norm": best_norm})
