@@ -12,10 +12,14 @@ budget: a run that cannot break an example at eps does not break it at a smaller
 and a point that breaks it at eps breaks it at every larger eps.  So per example the
 curve is fixed by one number, its breaking budget, and a search finds it:
 
-1. bracket (``bracket="fmn"``): one 10-step FMN run (a minimum-norm attack,
-   :mod:`aerl_ray.attacks.fmn`) gives each example a small adversarial point; the
-   smallest budget whose ball holds it (or a projection of it that still fools the
-   model) is broken -- exactly, by that point -- and so is every larger budget;
+1. bracket: one 10-step FMN run (a minimum-norm attack, :mod:`aerl_ray.attacks.fmn`)
+   gives each example a small adversarial point.  By default (``bracket="fmn-guide"``)
+   it only picks the first budget to probe, so the curve is PGD's alone: a "pgd" row
+   means PGD, and a model that masks PGD's gradients still shows it next to AutoAttack
+   and in the masking checks.  With ``bracket="fmn"`` the smallest budget whose ball
+   holds FMN's point (or a projection of it that still fools the model) is broken --
+   exactly, by that point -- and so is every larger budget (a tighter curve, cheaper on
+   wide grids, but PGD ∪ FMN);
 2. probe, one budget per example at a time, each probe exactly the separate PGD run at
    its budget: the largest undecided budget first (``order="descending"``), so broken
    probes walk down from the bracket and the first robust probe ends the search;
@@ -27,7 +31,7 @@ curve is fixed by one number, its breaking budget, and a search finds it:
    bound, scaled to all (example, nonzero budget) pairs -- the definition of the
    benchmark's disagreement -- in every result's ``extra``.
 
-Why this order and these options (bench/attacks.py and NOTES-issue15-curve.md give the
+Why this order and these options (bench/attacks.py and docs/curve-search.md give the
 numbers): descending costs each example at most one robust probe; bisection pays up to
 log2(K) of them (0.41 vs 0.22 of separate runs on the standard L-inf grid).  Without the
 bracket, wide grids pay for a walk of broken probes down to the breaking budget (0.65
@@ -52,7 +56,7 @@ BRACKETS = ("fmn", "fmn-guide", "none")
 SEARCH_ORDERS = ("descending", "bisect")
 DEFAULT_CURVE = "search"
 DEFAULT_AUDIT = 100
-DEFAULT_BRACKET = "fmn"
+DEFAULT_BRACKET = "fmn-guide"  # a pure PGD curve: a "pgd" row means PGD (masking checks)
 BRACKET_STEPS = 10  # FMN steps of the bracket: 10 match PGD-50's curve on digits
 
 # status of an (example, budget) pair in pgd_grid; ROBUST/BROKEN were attacked, DROPPED is

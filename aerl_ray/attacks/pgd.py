@@ -479,8 +479,10 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: Threat, *,
             run to estimate the curve's disagreement with separate runs (0 = none).
         bracket: search only: ``fmn`` -- a 10-step FMN run first; its smallest
             adversarial point breaks the example from the smallest budget that holds
-            it; ``fmn-guide`` -- FMN only picks the first budget to probe (the curve
-            is PGD's alone); ``none`` -- probe from the largest budget down.
+            it (a tighter curve, but no longer PGD's alone); ``fmn-guide`` (default)
+            -- FMN only picks the first budget to probe, so the curve is PGD's alone
+            and a "pgd" row still shows PGD-specific masking; ``none`` -- probe from
+            the largest budget down.
     """
     check_curve_params(curve, audit, bracket)
     xb, fooled, best = pgd_core(model, x, y, threat, steps=steps, step_size=step_size,
