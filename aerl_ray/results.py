@@ -408,11 +408,21 @@ def repair_table(table_dir: str | os.PathLike) -> list[Path]:
 
 
 def read_table(table_dir: str | os.PathLike, key: Sequence[str] | None = None) -> pd.DataFrame:
-    """Read all parts (in write order); keep the last row per ``key`` if given."""
-    parts = _parts(Path(table_dir))
-    if not parts:
-        return pd.DataFrame()
-    frames = [pd.read_parquet(p) for p in parts]
+    """Read all parts (in write order); keep the last row per ``key`` if given.
+
+    Safe while a sweep writes: a part that a compaction removes between listing and
+    reading (its rows are already in the newer part) makes the read start again."""
+    for attempt in range(5):
+        parts = _parts(Path(table_dir))
+        if not parts:
+            return pd.DataFrame()
+        try:
+            frames = [pd.read_parquet(p) for p in parts]
+            break
+        except FileNotFoundError:
+            if attempt == 4:
+                raise
+            time.sleep(0.05)
     frames = [f for f in frames if len(f)] or frames[:1]
     df = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
     if key:

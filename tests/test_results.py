@@ -126,3 +126,21 @@ def test_write_json_atomic(tmp_path):
     R.write_json_atomic(p, {"a": 1})
     assert json.loads(p.read_text()) == {"a": 1}
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_read_while_a_compaction_removes_parts(tmp_path, monkeypatch):
+    """A reader racing a compaction (a part listed, then removed before it is read) reads
+    again instead of failing."""
+    d = tmp_path / "t.parquet"
+    R.append_rows(d, [{"trial_id": "t0", "x": 1}])
+    R.append_rows(d, [{"trial_id": "t1", "x": 2}])
+    real, calls = pd.read_parquet, []
+
+    def flaky(path, *a, **k):
+        calls.append(path)
+        if len(calls) == 1:
+            raise FileNotFoundError(path)
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(pd, "read_parquet", flaky)
+    assert sorted(R.read_table(d)["trial_id"]) == ["t0", "t1"] and len(calls) == 3
