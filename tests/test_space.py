@@ -40,7 +40,7 @@ def base():
      "must be categorical with those choices"),
     (lambda r: r["fixed"].update(dataset="mnist"), "known datasets"),
     (lambda r: r["fixed"].update(model="vgg"), "known models"),
-    (lambda r: r["fixed"].update(epochs=5), r"switch_epoch=8 must be in \[1, epochs=5\)"),
+    (lambda r: r["fixed"].update(epochs=3), r"switch_epoch=\d must be in \[1, epochs=3\)"),
     (lambda r: r["evaluation"].update(attacks=["pgd", "cw"]), "unknown attack 'cw'"),
     (lambda r: r["evaluation"].update(grids={"linf": [0.1, 0.05]}), "sorted"),
     (lambda r: r["objectives"].append({"name": "r2", "attack": "square", "norm": "linf",
