@@ -115,6 +115,7 @@ class Ledger:
         self.interrupted = threading.Event()
         self._committed: dict[tuple[str, str], str] = {}  # (phase, key) -> status
         self._rungs: dict[str, dict] = {}  # key -> the scheduler's last decision
+        self._rungs_read = -1  # size of rungs.jsonl when last read (it is append-only)
         self._study = None
         for t in (R.EVALS, R.INDICATORS, R.EPOCHS, trials_table, confirm_table):
             R.repair_table(run.table(t))  # a crash mid-write: drop half-written parts first
@@ -215,8 +216,15 @@ class Ledger:
 
     def last_rung(self, key: str) -> dict | None:
         """The scheduler's last decision on ``key``, read back from ``rungs.jsonl`` (the
-        scheduler may hold a copy of this ledger, e.g. after Tune pickles it)."""
-        self.rung_records()
+        scheduler may hold a copy of this ledger, e.g. after Tune pickles it); the file is
+        read again only when it has grown (this runs on every trial result)."""
+        try:
+            size = self.run.rungs.stat().st_size
+        except FileNotFoundError:
+            size = 0
+        if size != self._rungs_read:
+            self.rung_records()
+            self._rungs_read = size
         return self._rungs.get(key)
 
     def record_epoch(self, row: Mapping[str, Any]) -> None:
