@@ -101,19 +101,6 @@ def _ddp_worker(rank: int, world: int, port: int, out: str, cfg_flat: dict, spli
         dist.destroy_process_group()
 
 
-def _small(splits, n: int):
-    """The first n training images (a cheap DDP run)."""
-    import dataclasses
-
-    return dataclasses.replace(splits, x_train=splits.x_train[:n], y_train=splits.y_train[:n])
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_ddp_ranks_resume_their_own_streams(tmp_path, digits_splits):
     """2 ranks, RL (exploration and dropout draw per rank): last.pt holds one RNG state
     per rank, the ranks' streams differ, and an interrupted + resumed run reproduces the
